@@ -1,0 +1,1 @@
+"""The early-exit and gating core; depends on torch only."""

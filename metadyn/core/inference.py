@@ -1,0 +1,132 @@
+"""Dynamic batched inference: exited samples leave the batch, so their remaining work is never done.
+
+The reference early-exit codes (MSDNet, SDN) compute every exit for every sample and pick one
+afterwards (:func:`simulated_exit`), which saves FLOPs only on paper. :func:`dynamic_exit` runs the
+network stage by stage (``stem``, then ``stage``/``exit`` per exit, see
+:class:`~metadyn.core.backbones.base.MultiExitNet`) and, after each exit, keeps only the samples that
+have not left, indexing every tensor of the State (and of the policy's carry) with one index. There
+is one host synchronisation per exit (the number of samples leaving), never one per sample.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+from metadyn.core.backbones.base import MultiExitNet, index_state
+from metadyn.core.policies import pick_exits
+
+
+@dataclass
+class ExitResult:
+    """Per-sample outcome of early exit: the chosen exit's logits ``(B, C)`` and exit index ``(B,)``."""
+
+    logits: Tensor
+    exit_idx: Tensor
+
+
+@torch.no_grad()
+def dynamic_exit(model: MultiExitNet, x: Tensor, policy) -> ExitResult:
+    """Early exit with batch compaction: each stage runs only on the samples still in the batch.
+
+    Args:
+        model: a MultiExitNet (put it in eval mode first).
+        x: input batch ``(B, ...)``.
+        policy: a policy step ``(i, logits, carry) -> (mask, carry)`` (see :mod:`metadyn.core.policies`).
+
+    Returns:
+        An :class:`ExitResult`, equal to ``simulated_exit(model, x, policy)`` up to floating point.
+    """
+    b = x.shape[0]
+    last = model.num_exits - 1
+    idx = torch.arange(b, device=x.device)  # original positions of the samples still in the batch
+    exit_idx = torch.full((b,), last, dtype=torch.long, device=x.device)
+    out: Tensor | None = None
+    carry = None
+    state = model.stem(x)
+    for i in range(model.num_exits):
+        state = model.stage(i, state)
+        logits, _ = model.exit(i, state)
+        if out is None:
+            out = logits.new_empty((b, logits.shape[1]))
+        if i == last:
+            out.index_copy_(0, idx, logits)
+            break
+        mask, carry = policy(i, logits, carry)
+        n_leave = int(mask.sum())  # the one host sync of this exit
+        if n_leave == 0:
+            continue
+        order = torch.argsort((~mask).to(torch.uint8), stable=True)  # leaving samples first
+        leave, stay = order[:n_leave], order[n_leave:]
+        out.index_copy_(0, idx[leave], logits.index_select(0, leave))
+        exit_idx.index_fill_(0, idx[leave], i)
+        if stay.numel() == 0:
+            break
+        idx = idx[stay]
+        state = index_state(state, stay)
+        carry = index_state(carry, stay)
+    return ExitResult(out, exit_idx)
+
+
+@torch.no_grad()
+def simulated_exit(model: MultiExitNet, x: Tensor, policy) -> ExitResult:
+    """The reference codes' early exit: compute every exit for every sample, then pick one."""
+    exit_idx, logits = pick_exits(model(x).logits, policy)
+    return ExitResult(logits, exit_idx)
+
+
+def fold_batchnorm(module: nn.Module) -> nn.Module:
+    """Fold every ``Conv2d`` directly followed by an eval-mode ``BatchNorm2d`` inside an ``nn.Sequential``
+    into one conv (in place); returns ``module``. Outputs change only by floating-point rounding."""
+    for name, child in list(module.named_children()):
+        if isinstance(child, nn.Sequential):
+            layers, folded, i = list(child), [], 0
+            while i < len(layers):
+                a = layers[i]
+                b = layers[i + 1] if i + 1 < len(layers) else None
+                if isinstance(a, nn.Conv2d) and isinstance(b, nn.BatchNorm2d) and b.track_running_stats:
+                    folded.append(fuse_conv_bn_eval(a, b))
+                    i += 2
+                else:
+                    folded.append(fold_batchnorm(a))
+                    i += 1
+            setattr(module, name, nn.Sequential(*folded))
+        else:
+            fold_batchnorm(child)
+    return module
+
+
+def prepare_for_inference(model: nn.Module, *, fold_bn: bool = True, channels_last: bool = True) -> nn.Module:
+    """A copy of ``model`` set up for fast inference: eval mode, BatchNorm folded into the preceding convs,
+    and channels-last weights (feed it ``x.contiguous(memory_format=torch.channels_last)``).
+
+    BatchNorm and layout are memory-bound work that FLOP counts ignore and that weighs most on the
+    high-resolution early stages; removing it makes time track FLOPs, for full and early-exit inference
+    alike. The trained ``model`` is left untouched.
+    """
+    m = copy.deepcopy(model).eval()
+    if fold_bn:
+        fold_batchnorm(m)
+    if channels_last:
+        m = m.to(memory_format=torch.channels_last)
+    return m
+
+
+@torch.no_grad()
+def collect_logits(model: nn.Module, x: Tensor, batch_size: int = 256) -> list[Tensor]:
+    """Every exit's logits on ``x`` (``K`` tensors ``(N, C)`` on the CPU), computed in eval mode by batches."""
+    p = next(model.parameters())
+    was_training = model.training
+    model.eval()
+    chunks: list[list[Tensor]] = []
+    try:
+        for s in range(0, len(x), batch_size):
+            out = model(x[s : s + batch_size].to(p.device, p.dtype))
+            chunks.append([lg.float().cpu() for lg in out.logits])
+    finally:
+        model.train(was_training)
+    return [torch.cat(c) for c in zip(*chunks)]

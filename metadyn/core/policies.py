@@ -1,0 +1,310 @@
+"""Exit policies as pure tensor functions, and MSDNet's threshold fitting.
+
+A policy decides, exit by exit, which samples may leave. Its step is a pure function
+
+    ``mask, carry = policy(i, logits, carry)``
+
+of exit ``i``'s logits ``(B, C)`` and a per-sample carry (``None`` for memory-less policies; a tuple
+of ``(B,)`` tensors for patience), returning a bool mask ``(B,)``. Because every quantity is
+per-sample, the same step runs on the full batch (:func:`pick_exits`, the "compute every exit, then
+pick" reference) and on the shrinking batch of dynamic inference (:mod:`metadyn.core.inference`).
+
+Thresholds are fitted on a validation split that is never the test split (:func:`fit_thresholds`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from metadyn.errors import InputError
+from metadyn.registry import POLICIES
+
+# --------------------------------------------------------------------------- scores (pure)
+
+
+def max_softmax(logits: Tensor) -> Tensor:
+    """Max-softmax confidence ``max_c softmax(z)_c`` of ``(B, C)`` logits -> ``(B,)``."""
+    return logits.softmax(-1).amax(-1)
+
+
+def entropy(logits: Tensor) -> Tensor:
+    """Shannon entropy (nats) of ``softmax(z)``, ``(B, C)`` -> ``(B,)``."""
+    logp = logits.log_softmax(-1)
+    return -(logp.exp() * logp).sum(-1)
+
+
+def neg_entropy(logits: Tensor) -> Tensor:
+    """``-entropy``: a confidence score (higher = more confident)."""
+    return -entropy(logits)
+
+
+SCORES = {"confidence": max_softmax, "entropy": neg_entropy}
+
+
+def confidence_exit(logits: Tensor, threshold: float | Tensor) -> Tensor:
+    """Samples whose max-softmax confidence reaches ``threshold`` may exit."""
+    return max_softmax(logits) >= threshold
+
+
+def entropy_exit(logits: Tensor, max_entropy: float | Tensor) -> Tensor:
+    """Samples whose predictive entropy is at most ``max_entropy`` nats may exit."""
+    return entropy(logits) <= max_entropy
+
+
+def patience_step(pred: Tensor, prev_pred: Tensor | None, count: Tensor | None, patience: int):
+    """One step of patience-based exiting: exit once the prediction is unchanged ``patience`` times in a row.
+
+    Returns ``(mask, count)`` where ``count`` is the number of consecutive earlier exits agreeing with ``pred``.
+
+    References:
+        Zhou et al., "BERT Loses Patience: Fast and Robust Inference with Early Exit", NeurIPS 2020 (PABEE).
+    """
+    if prev_pred is None:
+        count = torch.zeros_like(pred)
+    else:
+        count = torch.where(pred == prev_pred, count + 1, torch.zeros_like(count))
+    return count >= patience, count
+
+
+# --------------------------------------------------------------------------- policies (thin modules)
+
+
+@dataclass
+class ThresholdPolicy:
+    """Exit at exit ``i`` when ``score(logits_i / T_i) >= thresholds[i]``.
+
+    Args:
+        thresholds: one per exit (the last is ignored: every sample leaves at the final exit).
+        score: ``"confidence"`` (max softmax) or ``"entropy"`` (scored as negative entropy, so a
+            threshold ``t`` means "entropy <= -t").
+        temperatures: optional per-exit temperatures applied before scoring (calibrated confidence).
+    """
+
+    thresholds: Sequence[float]
+    score: str = "confidence"
+    temperatures: Sequence[float] | None = None
+
+    def __post_init__(self) -> None:
+        if self.score not in SCORES:
+            raise InputError(f"unknown policy score {self.score!r}; choose from: {', '.join(SCORES)}")
+
+    def scores(self, i: int, logits: Tensor) -> Tensor:
+        if self.temperatures is not None:
+            logits = logits / float(self.temperatures[i])
+        return SCORES[self.score](logits)
+
+    def __call__(self, i: int, logits: Tensor, carry=None):
+        return self.scores(i, logits) >= float(self.thresholds[i]), carry
+
+
+@dataclass
+class PatiencePolicy:
+    """Exit once the predicted class has stayed the same for ``patience`` consecutive exits (PABEE)."""
+
+    patience: int = 1
+
+    def __call__(self, i: int, logits: Tensor, carry=None):
+        pred = logits.argmax(-1)
+        prev, count = carry if carry is not None else (None, None)
+        mask, count = patience_step(pred, prev, count, self.patience)
+        return mask, (pred, count)
+
+
+@dataclass
+class BudgetPolicy:
+    """Every sample leaves at one fixed exit: the deepest whose cost fits a per-sample budget."""
+
+    exit_index: int
+
+    @classmethod
+    def from_budget(cls, costs: Sequence[float], budget: float) -> BudgetPolicy:
+        """The deepest exit whose cumulative cost (same unit as ``costs``) is at most ``budget``."""
+        fits = [k for k, c in enumerate(costs) if c <= budget]
+        if not fits:
+            raise InputError(f"budget {budget:g} is below the cheapest exit's cost {min(costs):g}")
+        return cls(fits[-1])
+
+    def __call__(self, i: int, logits: Tensor, carry=None):
+        return torch.full((logits.shape[0],), i >= self.exit_index, dtype=torch.bool, device=logits.device), carry
+
+
+POLICIES.register("confidence", lambda thresholds, temperatures=None: ThresholdPolicy(thresholds, "confidence",
+                                                                                      temperatures))
+POLICIES.register("entropy", lambda thresholds, temperatures=None: ThresholdPolicy(thresholds, "entropy",
+                                                                                   temperatures))
+POLICIES.register("patience", PatiencePolicy)
+POLICIES.register("budget", BudgetPolicy)
+
+
+# --------------------------------------------------------------------------- apply on all exits
+
+
+def pick_exits(logits: Sequence[Tensor], policy) -> tuple[Tensor, Tensor]:
+    """Apply ``policy`` to every exit's logits (all computed) and pick each sample's first allowed exit.
+
+    This is how MSDNet/SDN reference code evaluates early exit: every exit is computed, then one is
+    picked. The final exit takes every sample still left.
+
+    Returns:
+        ``(exit_idx (B,), logits (B, C))``: the chosen exit of each sample and its logits.
+    """
+    k = len(logits)
+    b = logits[0].shape[0]
+    exit_idx = torch.full((b,), k - 1, dtype=torch.long, device=logits[0].device)
+    done = torch.zeros(b, dtype=torch.bool, device=logits[0].device)
+    carry = None
+    for i in range(k - 1):
+        mask, carry = policy(i, logits[i], carry)
+        new = mask & ~done
+        exit_idx = torch.where(new, torch.full_like(exit_idx, i), exit_idx)
+        done |= mask
+    stacked = torch.stack(list(logits))  # (K, B, C)
+    chosen = stacked[exit_idx, torch.arange(b, device=exit_idx.device)]
+    return exit_idx, chosen
+
+
+def anytime_accuracy(logits: Sequence[Tensor], y: Tensor) -> list[float]:
+    """Accuracy of every exit on its own (anytime prediction)."""
+    return [float((lg.argmax(-1) == y).float().mean()) for lg in logits]
+
+
+# --------------------------------------------------------------------------- threshold fitting (MSDNet)
+
+
+def geometric_fractions(p: float, num_exits: int) -> Tensor:
+    """MSDNet's exit distribution for budgeted batch classification: ``q_k ∝ p^k``, k = 1..K.
+
+    References:
+        Huang et al., "Multi-Scale Dense Networks for Resource Efficient Image Classification",
+        ICLR 2018, Sec. 5.2 (and ``dynamic_evaluate`` of the released code: ``p`` in ``{i/20}``).
+    """
+    k = torch.arange(1, num_exits + 1, dtype=torch.float64)
+    q = torch.exp(math.log(p) * k)
+    return q / q.sum()
+
+
+def fit_thresholds(scores: Tensor, fractions: Tensor) -> Tensor:
+    """Per-exit thresholds so that a fraction ``fractions[k]`` of the (validation) samples exits at k.
+
+    Follows MSDNet's procedure: samples are taken exit by exit; at exit k, among the samples that have
+    not yet left, the ``floor(N * q_k)`` most confident ones leave, and the threshold is the score of
+    the last of them. The final exit's threshold is ``-inf`` (everything left exits there).
+
+    Args:
+        scores: ``(K, N)`` exit scores (higher = more confident), computed on a validation split.
+        fractions: ``(K,)`` target fraction of samples per exit.
+
+    Returns:
+        ``(K,)`` thresholds, to be used with ``score >= threshold``.
+    """
+    k, n = scores.shape
+    thresholds = torch.full((k,), float("inf"), dtype=torch.float64)
+    thresholds[-1] = float("-inf")
+    left = torch.ones(n, dtype=torch.bool)
+    for e in range(k - 1):
+        out_n = math.floor(n * float(fractions[e]))
+        s = scores[e].double()
+        if out_n > 0:
+            avail = s[left]
+            if out_n <= avail.numel():
+                thresholds[e] = avail.sort(descending=True).values[out_n - 1]
+            else:
+                thresholds[e] = avail.min() if avail.numel() else float("inf")
+        left &= ~(s >= thresholds[e])
+    return thresholds
+
+
+def budget_exit_counts(scores: Tensor, thresholds: Tensor) -> Tensor:
+    """How many samples leave at each exit under ``score >= threshold`` (first allowed exit)."""
+    k, n = scores.shape
+    allowed = scores.double() >= thresholds[:, None]
+    allowed[-1] = True
+    first = allowed.float().argmax(0)
+    return torch.bincount(first, minlength=k)
+
+
+def fit_thresholds_for_budget(scores: Tensor, costs: Sequence[float], budget: float, iters: int = 60) -> Tensor:
+    """Thresholds of MSDNet's geometric family whose expected cost on ``scores`` is at most ``budget``.
+
+    Bisection on ``log p``: small ``p`` sends samples to the first exit, large ``p`` to the last.
+    """
+    costs_t = torch.as_tensor(costs, dtype=torch.float64)
+    n = scores.shape[1]
+
+    def cost(logp: float) -> tuple[float, Tensor]:
+        t = fit_thresholds(scores, geometric_fractions(math.exp(logp), scores.shape[0]))
+        return float((budget_exit_counts(scores, t).double() * costs_t).sum() / n), t
+
+    lo, hi = math.log(1e-4), math.log(1e4)
+    c_lo, t_lo = cost(lo)
+    if c_lo > budget:
+        raise InputError(f"budget {budget:g} is below the cheapest achievable expected cost {c_lo:g}")
+    for _ in range(iters):
+        mid = 0.5 * (lo + hi)
+        c, t = cost(mid)
+        if c <= budget:
+            lo, t_lo = mid, t
+        else:
+            hi = mid
+    return t_lo
+
+
+# --------------------------------------------------------------------------- budgeted evaluation
+
+
+def policy_scores(logits: Sequence[Tensor], score: str = "confidence",
+                  temperatures: Sequence[float] | None = None) -> Tensor:
+    """``(K, N)`` exit scores of every exit (after optional per-exit temperatures)."""
+    probe = ThresholdPolicy([0.0] * len(logits), score, temperatures)
+    return torch.stack([probe.scores(i, lg) for i, lg in enumerate(logits)])
+
+
+def evaluate_policy(logits: Sequence[Tensor], y: Tensor, policy, costs: Sequence[float]) -> dict:
+    """Accuracy, expected MFLOPs and per-exit fractions of ``policy`` on all-exit ``logits``."""
+    from metadyn.core.flops import expected_cost
+
+    exit_idx, chosen = pick_exits(logits, policy)
+    counts = torch.bincount(exit_idx, minlength=len(logits)).double()
+    return {
+        "mflops": expected_cost(exit_idx, costs) / 1e6,
+        "accuracy": float((chosen.argmax(-1) == y).double().mean()),
+        "exit_fractions": (counts / counts.sum()).tolist(),
+    }
+
+
+def budgeted_curve(val_logits: Sequence[Tensor], test_logits: Sequence[Tensor], test_y: Tensor,
+                   costs: Sequence[float], score: str = "confidence", temperatures: Sequence[float] | None = None,
+                   ps: Sequence[float] | None = None) -> list[dict]:
+    """MSDNet's budgeted batch classification curve: for each ``p`` of the geometric exit distribution,
+    thresholds are fitted on the validation logits and the policy is evaluated on the test logits.
+
+    Returns one dict per ``p``: ``p``, ``mflops``, ``accuracy``, ``exit_fractions``, ``thresholds``.
+    """
+    ps = list(ps) if ps is not None else [i / 20 for i in range(1, 40)]
+    val_scores = policy_scores(val_logits, score, temperatures)
+    rows = []
+    for p in ps:
+        t = fit_thresholds(val_scores, geometric_fractions(p, len(val_logits)))
+        policy = ThresholdPolicy(t.tolist(), score, temperatures)
+        rows.append({"p": p, **evaluate_policy(test_logits, test_y, policy, costs), "thresholds": t.tolist()})
+    return rows
+
+
+def accuracy_at_budgets(val_logits: Sequence[Tensor], test_logits: Sequence[Tensor], test_y: Tensor,
+                        costs: Sequence[float], budgets: Sequence[float], score: str = "confidence",
+                        temperatures: Sequence[float] | None = None) -> list[dict]:
+    """Test accuracy under thresholds fitted on validation to spend at most ``budget`` FLOPs per sample
+    (validation cost; the test cost is reported as measured)."""
+    val_scores = policy_scores(val_logits, score, temperatures)
+    rows = []
+    for b in budgets:
+        t = fit_thresholds_for_budget(val_scores, costs, b)
+        policy = ThresholdPolicy(t.tolist(), score, temperatures)
+        rows.append({"budget_mflops": b / 1e6, **evaluate_policy(test_logits, test_y, policy, costs),
+                     "thresholds": t.tolist()})
+    return rows

@@ -1,0 +1,31 @@
+"""Datasets: digits (bundled), glyphs (procedural), local folders (image trees, CIFAR), N-way K-shot episodes.
+
+Importing this package registers every loader in :data:`metadyn.registry.DATASETS`.
+"""
+
+from metadyn.data import digits, folders, glyphs  # noqa: F401  (register the loaders)
+from metadyn.data.base import (
+    ClassificationData,
+    Split,
+    batches,
+    check_finite,
+    load_classification,
+    split_indices,
+)
+from metadyn.data.episodes import ClassPool, Episode, EpisodeSampler
+from metadyn.data.glyphs import GLYPH_SPLITS, glyph_class_ids, render_glyphs
+
+__all__ = [
+    "GLYPH_SPLITS",
+    "ClassPool",
+    "ClassificationData",
+    "Episode",
+    "EpisodeSampler",
+    "Split",
+    "batches",
+    "check_finite",
+    "glyph_class_ids",
+    "load_classification",
+    "render_glyphs",
+    "split_indices",
+]

@@ -1,0 +1,82 @@
+import copy
+
+import pytest
+import torch
+
+from metadyn.core.backbones.conv4 import tiny_conv4_exits
+from metadyn.core.backbones.mlp import tiny_mlp_exits
+from metadyn.core.backbones.resnet import tiny_resnet_exits
+from metadyn.core.inference import dynamic_exit, fold_batchnorm, prepare_for_inference, simulated_exit
+from metadyn.core.policies import PatiencePolicy, ThresholdPolicy, fit_thresholds, geometric_fractions, policy_scores
+
+
+def _trained_like(build):
+    m = build(in_shape=(1, 8, 8), num_classes=5).double()
+    # put BN statistics somewhere non-trivial
+    m.train()
+    with torch.no_grad():
+        m(torch.randn(64, 1, 8, 8, dtype=torch.float64) * 2 + 0.5)
+    return m.eval()
+
+
+@pytest.mark.parametrize("build", [tiny_mlp_exits, tiny_conv4_exits, tiny_resnet_exits])
+@pytest.mark.parametrize("p", [0.3, 1.0, 3.0])
+def test_dynamic_equals_picking_from_full_forward(build, p):
+    m = _trained_like(build)
+    x_val = torch.randn(200, 1, 8, 8, dtype=torch.float64)
+    x = torch.randn(300, 1, 8, 8, dtype=torch.float64)
+    with torch.no_grad():
+        t = fit_thresholds(policy_scores(m(x_val).logits), geometric_fractions(p, m.num_exits))
+    policy = ThresholdPolicy(t.tolist())
+    ref = simulated_exit(m, x, policy)
+    dyn = dynamic_exit(m, x, policy)
+    assert torch.equal(dyn.exit_idx, ref.exit_idx)
+    assert torch.allclose(dyn.logits, ref.logits, rtol=0, atol=1e-12)
+    assert len(torch.unique(dyn.exit_idx)) > 1  # the test exercises real exits
+
+
+def test_dynamic_with_carry_policy_and_everyone_leaving():
+    m = _trained_like(tiny_resnet_exits)
+    x = torch.randn(50, 1, 8, 8, dtype=torch.float64)
+    pol = PatiencePolicy(1)
+    assert torch.equal(dynamic_exit(m, x, pol).exit_idx, simulated_exit(m, x, pol).exit_idx)
+    everyone = ThresholdPolicy([0.0, 0.0, 0.0])
+    r = dynamic_exit(m, x, everyone)
+    assert (r.exit_idx == 0).all()
+    with torch.no_grad():
+        assert torch.allclose(r.logits, m(x).logits[0])
+
+
+def test_dynamic_runs_later_stages_only_on_remaining_samples():
+    m = _trained_like(tiny_resnet_exits)
+    seen = []
+    orig = m.stage
+
+    def spy(i, state):
+        seen.append((i, state.shape[0]))
+        return orig(i, state)
+
+    m.stage = spy
+    x = torch.randn(40, 1, 8, 8, dtype=torch.float64)
+    with torch.no_grad():
+        scores = policy_scores(m.__class__.forward(m, x).logits)
+    seen.clear()
+    t = fit_thresholds(scores, torch.tensor([0.5, 0.25, 0.25]))
+    r = dynamic_exit(m, x, ThresholdPolicy(t.tolist()))
+    counts = torch.bincount(r.exit_idx, minlength=3).tolist()
+    assert seen == [(0, 40), (1, 40 - counts[0]), (2, counts[2])]
+
+
+def test_prepare_for_inference_folds_bn_without_changing_outputs():
+    m = _trained_like(tiny_resnet_exits)
+    fast = prepare_for_inference(m)
+    assert not any(isinstance(mod, torch.nn.BatchNorm2d) for mod in fast.modules())
+    assert any(isinstance(mod, torch.nn.BatchNorm2d) for mod in m.modules())  # the original is untouched
+    x = torch.randn(8, 1, 8, 8, dtype=torch.float64)
+    with torch.no_grad():
+        a = m(x).logits
+        b = fast(x.contiguous(memory_format=torch.channels_last)).logits
+    for u, v in zip(a, b):
+        assert torch.allclose(u, v, atol=1e-10)
+    bn_free = fold_batchnorm(copy.deepcopy(tiny_mlp_exits()))
+    assert isinstance(bn_free, torch.nn.Module)

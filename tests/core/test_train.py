@@ -1,0 +1,96 @@
+import pytest
+import torch
+
+from metadyn.core.backbones.mlp import tiny_mlp_exits
+from metadyn.core.losses import ce_loss
+from metadyn.core.train import Callback, fit, load_checkpoint, save_checkpoint
+from metadyn.errors import InputError, NonFiniteLossError
+
+
+def _data(n=96):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(n, 1, 8, 8, generator=g)
+    y = (x.flatten(1)[:, :4].argmax(1)).long()  # learnable: which of 4 pixels is largest
+    return x, y
+
+
+def _params(m):
+    return torch.cat([p.detach().flatten() for p in m.parameters()])
+
+
+def test_fit_learns_and_is_deterministic():
+    x, y = _data()
+    a, b = tiny_mlp_exits(num_classes=4), tiny_mlp_exits(num_classes=4)
+    b.load_state_dict(a.state_dict())
+    sa = fit(a, (x, y), epochs=6, batch_size=16, lr=0.1, device="cpu", progress=False)
+    fit(b, (x, y), epochs=6, batch_size=16, lr=0.1, device="cpu", progress=False)
+    assert torch.equal(_params(a), _params(b))
+    assert sa.history[-1]["loss"] < sa.history[0]["loss"]
+    assert [h["epoch"] for h in sa.history] == list(range(1, 7))
+
+
+class Interrupt(Callback):
+    def __init__(self, at_epoch):
+        self.at = at_epoch
+
+    def on_epoch_start(self, state):
+        if state.epoch == self.at:
+            raise KeyboardInterrupt
+
+
+def test_interrupted_run_resumes_bit_identical(tmp_path):
+    x, y = _data()
+    torch.manual_seed(1)
+    init = tiny_mlp_exits(num_classes=4).state_dict()
+    straight = tiny_mlp_exits(num_classes=4)
+    straight.load_state_dict(init)
+    fit(straight, (x, y), epochs=4, batch_size=16, device="cpu", progress=False, seed=3)
+
+    ck = tmp_path / "run" / "checkpoint.pt"
+    m = tiny_mlp_exits(num_classes=4)
+    m.load_state_dict(init)
+    with pytest.raises(KeyboardInterrupt):
+        fit(m, (x, y), epochs=4, batch_size=16, device="cpu", progress=False, seed=3, checkpoint=ck,
+            callbacks=[Interrupt(2)])
+    assert load_checkpoint(ck)["epoch"] == 2
+    resumed = tiny_mlp_exits(num_classes=4)  # a fresh process: new model, same init irrelevant
+    state = fit(resumed, (x, y), epochs=4, batch_size=16, device="cpu", progress=False, seed=3, checkpoint=ck)
+    assert torch.equal(_params(resumed), _params(straight))
+    assert len(state.history) == 4 and load_checkpoint(ck)["epoch"] == 4
+    assert not list(ck.parent.glob("*.tmp"))  # no temp files left behind
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
+    x, y = _data()
+    ck = tmp_path / "checkpoint.pt"
+    m = tiny_mlp_exits(num_classes=4)
+    ce = ce_loss()
+    calls = {"n": 0}
+
+    def flaky(out, target):  # fine during epoch 1, NaN from epoch 2 on
+        calls["n"] += 1
+        loss = ce(out, target)
+        return loss * float("nan") if calls["n"] > 6 else loss
+
+    with pytest.raises(NonFiniteLossError, match="NaN or infinite in epoch 2.*last good checkpoint kept"):
+        fit(m, (x, y), loss=flaky, epochs=3, batch_size=16, device="cpu", progress=False, checkpoint=ck)
+    good = load_checkpoint(ck)
+    assert good["epoch"] == 1
+    assert all(torch.isfinite(v).all() for v in good["model"].values())
+
+
+def test_checkpoints_are_safe_to_load(tmp_path):
+    p = tmp_path / "c.pt"
+    save_checkpoint({"a": torch.ones(2), "n": 3}, p)
+    assert load_checkpoint(p)["n"] == 3
+    p.write_bytes(b"not a checkpoint")
+    with pytest.raises(InputError, match="cannot be read"):
+        load_checkpoint(p)
+
+    class Evil:
+        def __reduce__(self):
+            return (print, ("executed",))
+
+    torch.save({"x": Evil()}, p)  # weights_only=True refuses arbitrary objects
+    with pytest.raises(InputError):
+        load_checkpoint(p)
