@@ -26,11 +26,17 @@ def cmd_run(args) -> int:
     return 0
 
 
+def bench_names() -> list[str]:
+    return sorted(p.stem for p in BENCH_DIR.glob("*.py") if not p.stem.startswith("_"))
+
+
 def load_benchmark(name: str):
     path = BENCH_DIR / f"{name}.py"
     if not path.is_file():
-        names = sorted(p.stem for p in BENCH_DIR.glob("*.py") if not p.stem.startswith("_"))
+        names = bench_names()
         raise InputError(f"unknown benchmark {name!r}; choose from: {', '.join(names) or '(none found)'}")
+    if str(BENCH_DIR.parent) not in sys.path:  # benchmarks import their shared helpers as benchmarks._timing
+        sys.path.insert(0, str(BENCH_DIR.parent))
     spec = importlib.util.spec_from_file_location(f"metadyn_bench_{name}", path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
@@ -43,6 +49,8 @@ def cmd_bench(args) -> int:
 
     mod = load_benchmark(args.name)
     options = dict(parse_override(s) for s in (args.set or []))
+    if args.model:
+        options["model"] = args.model
     text = json_text(mod.run(quick=args.quick, **options))
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
@@ -60,8 +68,7 @@ def cmd_list(args) -> int:
                        ("policies", registry.POLICIES), ("task kinds", registry.TASK_KINDS),
                        ("datasets", registry.DATASETS)):
         print(f"{title}: {', '.join(reg.names())}")
-    benches = sorted(p.stem for p in BENCH_DIR.glob("*.py") if not p.stem.startswith("_"))
-    print(f"benchmarks: {', '.join(benches)}")
+    print(f"benchmarks: {', '.join(bench_names())}")
     tasks = sorted(p.name for p in Path("tasks").glob("*.yaml")) if Path("tasks").is_dir() else []
     if tasks:
         print(f"tasks (./tasks): {', '.join(tasks)}")
@@ -82,6 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("name")
     b.add_argument("--json", help="write the result object here")
     b.add_argument("--quick", action="store_true", help="fewer repetitions")
+    b.add_argument("--model", help="network to benchmark, where the benchmark takes one")
     b.add_argument("--set", action="append", metavar="KEY=VALUE", help="benchmark option (repeatable)")
     b.set_defaults(fn=cmd_bench)
     lst = sub.add_parser("list", help="print what is registered")

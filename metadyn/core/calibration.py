@@ -14,10 +14,12 @@ import torch.nn.functional as F
 from torch import Tensor
 
 
-def fit_temperature(logits: Tensor, labels: Tensor, max_iter: int = 100) -> float:
+def fit_temperature(logits: Tensor, labels: Tensor, max_iter: int = 100, bounds: tuple[float, float] = (0.02, 50.0)
+                    ) -> float:
     """The temperature ``T > 0`` minimising the NLL of ``softmax(logits / T)`` (LBFGS on ``log T``).
 
-    Fit on a calibration split of its own, never the test split.
+    Fit on a calibration split of its own, never the test split. When that split holds no error, the
+    NLL keeps falling as ``T -> 0``; the result is clipped to ``bounds``.
     """
     logits = logits.detach().double().cpu()
     labels = labels.detach().cpu()
@@ -32,7 +34,9 @@ def fit_temperature(logits: Tensor, labels: Tensor, max_iter: int = 100) -> floa
 
     opt.step(closure)
     t = float(log_t.detach().exp())
-    return t if torch.isfinite(torch.tensor(t)) else 1.0
+    if t != t:  # NaN from a degenerate split
+        return 1.0
+    return min(max(t, bounds[0]), bounds[1])
 
 
 def fit_temperatures(logits: Sequence[Tensor], labels: Tensor) -> list[float]:

@@ -29,18 +29,36 @@ class ExitResult:
     exit_idx: Tensor
 
 
+def micro_batched(fn, x: Tensor, micro_batch: int | None):
+    """Apply ``fn`` to ``x`` in slices of at most ``micro_batch`` samples and concatenate the results
+    (tensors, or dataclasses/tuples of tensors). On CPUs, slices whose activations fit the cache run
+    faster than one large batch; ``None`` runs ``fn(x)`` as is."""
+    if micro_batch is None or x.shape[0] <= micro_batch:
+        return fn(x)
+    parts = [fn(chunk) for chunk in x.split(micro_batch)]
+    first = parts[0]
+    if isinstance(first, Tensor):
+        return torch.cat(parts)
+    if isinstance(first, ExitResult):
+        return ExitResult(torch.cat([p.logits for p in parts]), torch.cat([p.exit_idx for p in parts]))
+    return type(first)(torch.cat(list(ts)) for ts in zip(*parts))
+
+
 @torch.no_grad()
-def dynamic_exit(model: MultiExitNet, x: Tensor, policy) -> ExitResult:
+def dynamic_exit(model: MultiExitNet, x: Tensor, policy, micro_batch: int | None = None) -> ExitResult:
     """Early exit with batch compaction: each stage runs only on the samples still in the batch.
 
     Args:
         model: a MultiExitNet (put it in eval mode first).
         x: input batch ``(B, ...)``.
         policy: a policy step ``(i, logits, carry) -> (mask, carry)`` (see :mod:`metadyn.core.policies`).
+        micro_batch: run slices of this many samples one after the other (see :func:`micro_batched`).
 
     Returns:
         An :class:`ExitResult`, equal to ``simulated_exit(model, x, policy)`` up to floating point.
     """
+    if micro_batch is not None and x.shape[0] > micro_batch:
+        return micro_batched(lambda chunk: dynamic_exit(model, chunk, policy), x, micro_batch)
     b = x.shape[0]
     last = model.num_exits - 1
     idx = torch.arange(b, device=x.device)  # original positions of the samples still in the batch

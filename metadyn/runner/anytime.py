@@ -133,15 +133,17 @@ def run(cfg: AnytimeConfig, out: Path, prepare, progress: bool = True) -> dict:
                       cfg.eval.ece_bins), "ece_calibrated": ece(scaled, data.test.y, cfg.eval.ece_bins),
                       "temperature": temps[i]})
 
-    curve = budgeted_curve(val, test, data.test.y, cum, score, temps)
-    budgets = accuracy_at_budgets(val, test, data.test.y, cum, [f * costs.full for f in BUDGET_FRACTIONS], score,
-                                  temps)
+    # Thresholds are fitted on raw scores, as in MSDNet: they are per-exit quantiles of the validation
+    # scores, which a per-exit temperature barely reorders, while a small temperature can saturate the
+    # softmax and turn many scores into ties at 1.0.
+    curve = budgeted_curve(val, test, data.test.y, cum, score)
+    budgets = accuracy_at_budgets(val, test, data.test.y, cum, [f * costs.full for f in BUDGET_FRACTIONS], score)
     for b, f in zip(budgets, BUDGET_FRACTIONS):
         b["budget_fraction"] = f
 
     # Operating point at half the static network's FLOPs, run for real with batch compaction.
-    half = fit_thresholds_for_budget(policy_scores(val, score, temps), cum, 0.5 * costs.full)
-    policy = ThresholdPolicy(half.tolist(), score, temps)
+    half = fit_thresholds_for_budget(policy_scores(val, score), cum, 0.5 * costs.full)
+    policy = ThresholdPolicy(half.tolist(), score)
     picked_idx, picked = pick_exits(test, policy)
     dyn = dynamic_exit(model, data.test.x.to(device), policy)
     dyn.logits, dyn.exit_idx = dyn.logits.float().cpu(), dyn.exit_idx.cpu()
@@ -197,7 +199,8 @@ def report(cfg: AnytimeConfig, m: dict) -> str:
 
 Backbone `{cfg.model.backbone}` {cfg.model.options or ''} trained with `{cfg.train.method}` for {cfg.train.epochs}
 epochs on `{cfg.data.name}` (splits: {e['splits']}), seed {cfg.seed}, device `{m['device']}`.
-Temperatures are fitted on `calib`, thresholds on `val`; every number below is on `test`.
+Temperatures are fitted on `calib` (they give the ECE after scaling), exit thresholds on `val` (on raw
+{cfg.eval.policy} scores, as in MSDNet); every number below is on `test`.
 MFLOPs are counted by `torch.utils.flop_counter` (2 FLOPs per multiply-add); an exit's cost includes
 every earlier exit's head. The static network (no early heads) costs {full:.3f} MFLOPs.
 

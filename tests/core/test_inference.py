@@ -80,3 +80,15 @@ def test_prepare_for_inference_folds_bn_without_changing_outputs():
         assert torch.allclose(u, v, atol=1e-10)
     bn_free = fold_batchnorm(copy.deepcopy(tiny_mlp_exits()))
     assert isinstance(bn_free, torch.nn.Module)
+
+
+def test_micro_batched_dynamic_equals_one_batch():
+    m = _trained_like(tiny_resnet_exits)
+    x = torch.randn(70, 1, 8, 8, dtype=torch.float64)
+    with torch.no_grad():
+        t = fit_thresholds(policy_scores(m(x).logits), geometric_fractions(1.0, m.num_exits))
+    pol = ThresholdPolicy(t.tolist())
+    whole = dynamic_exit(m, x, pol)
+    sliced = dynamic_exit(m, x, pol, micro_batch=16)
+    assert torch.equal(whole.exit_idx, sliced.exit_idx)
+    assert torch.allclose(whole.logits, sliced.logits, atol=1e-12)

@@ -14,7 +14,7 @@ State = Any  # a tensor or a pytree of tensors whose leading dimension is the ba
 
 def index_state(state: State, idx: Tensor) -> State:
     """Keep the samples ``idx`` (a 1-D index tensor) of every tensor in a State pytree."""
-    return tree_map(lambda t: t.index_select(0, idx) if isinstance(t, Tensor) else t, state)
+    return tree_map(lambda t: t[idx] if isinstance(t, Tensor) else t, state)  # keeps channels-last layout
 
 
 class MultiExitNet(nn.Module):

@@ -46,7 +46,9 @@ class BasicBlock(nn.Module):
             self.shortcut = nn.Identity()
 
     def forward(self, x: Tensor) -> Tensor:
-        return F.relu(self.shortcut(x) + self.residual(x))
+        out = self.residual(x)  # a fresh tensor: adding and rectifying in place saves two passes over memory
+        out += self.shortcut(x)
+        return out.relu_()
 
 
 class ResNetExits(MultiExitNet):
