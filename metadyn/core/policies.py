@@ -299,10 +299,15 @@ def accuracy_at_budgets(val_logits: Sequence[Tensor], test_logits: Sequence[Tens
                         costs: Sequence[float], budgets: Sequence[float], score: str = "confidence",
                         temperatures: Sequence[float] | None = None) -> list[dict]:
     """Test accuracy under thresholds fitted on validation to spend at most ``budget`` FLOPs per sample
-    (validation cost; the test cost is reported as measured)."""
+    (validation cost; the test cost is reported as measured). A budget below the first exit's cost
+    gives a row with ``accuracy`` and ``mflops`` set to ``None``."""
     val_scores = policy_scores(val_logits, score, temperatures)
     rows = []
     for b in budgets:
+        if b < costs[0]:
+            rows.append({"budget_mflops": b / 1e6, "mflops": None, "accuracy": None, "exit_fractions": None,
+                         "thresholds": None})
+            continue
         t = fit_thresholds_for_budget(val_scores, costs, b)
         policy = ThresholdPolicy(t.tolist(), score, temperatures)
         rows.append({"budget_mflops": b / 1e6, **evaluate_policy(test_logits, test_y, policy, costs),

@@ -142,7 +142,7 @@ def run(cfg: AnytimeConfig, out: Path, prepare, progress: bool = True) -> dict:
         b["budget_fraction"] = f
 
     # Operating point at half the static network's FLOPs, run for real with batch compaction.
-    half = fit_thresholds_for_budget(policy_scores(val, score), cum, 0.5 * costs.full)
+    half = fit_thresholds_for_budget(policy_scores(val, score), cum, max(0.5 * costs.full, cum[0]))
     policy = ThresholdPolicy(half.tolist(), score)
     picked_idx, picked = pick_exits(test, policy)
     dyn = dynamic_exit(model, data.test.x.to(device), policy)
@@ -181,9 +181,10 @@ def report(cfg: AnytimeConfig, m: dict) -> str:
     exit_table = markdown_table(rows, [("exit", "exit", ""), ("mflops", "MFLOPs", ".3f"), ("pct", "% of static", ".0f"),
                                        ("acc", "test acc. (%)", ".2f"), ("ece", "ECE", ".3f"),
                                        ("ece_calibrated", "ECE (T-scaled)", ".3f"), ("temperature", "T", ".2f")])
-    brow = [{"budget": f"{100 * b['budget_fraction']:.0f}% ({b['budget_mflops']:.3f})",
-             "mflops": b["mflops"], "acc": 100 * b["accuracy"],
-             "fr": " / ".join(f"{100 * f:.0f}" for f in b["exit_fractions"])} for b in e["budgets"]]
+    brow = [{"budget": f"{100 * b['budget_fraction']:.0f}% ({b['budget_mflops']:.3f})", "mflops": b["mflops"],
+             "acc": None if b["accuracy"] is None else 100 * b["accuracy"],
+             "fr": "below the first exit's cost" if b["exit_fractions"] is None else
+             " / ".join(f"{100 * f:.0f}" for f in b["exit_fractions"])} for b in e["budgets"]]
     budget_table = markdown_table(brow, [("budget", "budget (val MFLOPs)", ""), ("mflops", "test MFLOPs", ".3f"),
                                          ("acc", "test acc. (%)", ".2f"), ("fr", "% leaving at each exit", "")])
     seen, crow = set(), []

@@ -92,3 +92,23 @@ def test_micro_batched_dynamic_equals_one_batch():
     sliced = dynamic_exit(m, x, pol, micro_batch=16)
     assert torch.equal(whole.exit_idx, sliced.exit_idx)
     assert torch.allclose(whole.logits, sliced.logits, atol=1e-12)
+
+
+def test_dynamic_exit_on_attached_network():
+    from metadyn.core.backbones.attach import attach_exits
+
+    static = torch.nn.Sequential(
+        torch.nn.Conv2d(1, 8, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(8, 8, 3, padding=1), torch.nn.ReLU(),
+        torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(8, 5),
+    ).double().eval()
+    net = attach_exits(static, ["1", "3"], example_input=torch.zeros(1, 1, 8, 8, dtype=torch.float64)).double()
+    net.eval()
+    x = torch.randn(60, 1, 8, 8, dtype=torch.float64)
+    with torch.no_grad():
+        t = fit_thresholds(policy_scores(net(x).logits), geometric_fractions(1.0, net.num_exits))
+    pol = ThresholdPolicy(t.tolist())
+    dyn, ref = dynamic_exit(net, x, pol), simulated_exit(net, x, pol)
+    assert torch.equal(dyn.exit_idx, ref.exit_idx) and torch.allclose(dyn.logits, ref.logits, atol=1e-12)
+    final = dyn.exit_idx == net.num_exits - 1
+    with torch.no_grad():
+        assert torch.equal(dyn.logits[final], static(x[final]))
