@@ -7,7 +7,6 @@ from metadyn.data import digits, folders, glyphs  # noqa: F401  (register the lo
 from metadyn.data.base import (
     ClassificationData,
     Split,
-    batches,
     check_finite,
     load_classification,
     split_indices,
@@ -22,7 +21,6 @@ __all__ = [
     "Episode",
     "EpisodeSampler",
     "Split",
-    "batches",
     "check_finite",
     "glyph_class_ids",
     "load_classification",

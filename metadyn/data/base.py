@@ -8,7 +8,6 @@ and ``test`` (final evaluation only).
 from __future__ import annotations
 
 import inspect
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -211,20 +210,3 @@ def load_classification(
             raise InputError(f"dataset {name!r} has no option {key!r}; its options: {choices}")
     fractions = {"val": val_fraction, "calib": calib_fraction, "test": test_fraction}
     return loader(root=root, seed=seed, fractions=fractions, **options)
-
-
-def batches(
-    split: Split, batch_size: int, *, shuffle: bool, generator: torch.Generator | None = None
-) -> Iterator[tuple[Tensor, Tensor]]:
-    """Iterate over ``(x, y)`` mini-batches of ``split``; the last one may be smaller.
-
-    Args:
-        shuffle: visit samples in a random order drawn from ``generator``.
-    """
-    if not isinstance(batch_size, int) or batch_size < 1:
-        raise InputError(f"batch_size must be a positive integer, got {batch_size!r}")
-    n = len(split)
-    order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
-    for start in range(0, n, batch_size):
-        idx = order[start : start + batch_size]
-        yield split.x[idx], split.y[idx]

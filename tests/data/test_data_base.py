@@ -5,7 +5,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from sklearn.datasets import load_digits
 
-from metadyn.data import Split, batches, check_finite, load_classification, split_indices
+from metadyn.data import check_finite, load_classification, split_indices
 from metadyn.errors import InputError
 
 
@@ -98,16 +98,3 @@ def test_load_classification_errors():
         load_classification("digits", root="/tmp")
     with pytest.raises(InputError, match="unknown split 'dev'"):
         load_classification("digits").split("dev")
-
-
-def test_batches_cover_split_and_shuffle_with_generator():
-    split = Split(torch.arange(10.0).reshape(10, 1, 1, 1), torch.arange(10))
-    got = [y for _, y in batches(split, 4, shuffle=False)]
-    assert [len(y) for y in got] == [4, 4, 2] and torch.equal(torch.cat(got), torch.arange(10))
-    a = torch.cat([y for _, y in batches(split, 3, shuffle=True, generator=torch.Generator().manual_seed(0))])
-    b = torch.cat([y for _, y in batches(split, 3, shuffle=True, generator=torch.Generator().manual_seed(0))])
-    assert torch.equal(a, b) and torch.equal(torch.sort(a)[0], torch.arange(10))
-    for x, y in batches(split, 3, shuffle=True):
-        assert torch.equal(x.flatten().long(), y)
-    with pytest.raises(InputError, match="batch_size"):
-        next(batches(split, 0, shuffle=False))
