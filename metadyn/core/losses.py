@@ -49,3 +49,17 @@ def ce_loss(weights: Sequence[float] | None = None):
         return exitwise_ce(out, y, weights)
 
     return loss
+
+
+def kd_loss(student: Tensor, teacher: Tensor, tau: float = 1.0) -> Tensor:
+    """Knowledge-distillation loss ``tau^2 * KL(softmax(t / tau) || softmax(s / tau))``, batch mean.
+
+    The teacher logits are detached (no gradient flows into the teacher). The ``tau^2`` factor keeps
+    gradient magnitudes comparable across temperatures.
+
+    References:
+        Hinton et al., "Distilling the Knowledge in a Neural Network", 2015, Sec. 2.
+    """
+    log_p_s = F.log_softmax(student / tau, dim=-1)
+    log_p_t = F.log_softmax(teacher.detach() / tau, dim=-1)
+    return tau * tau * F.kl_div(log_p_s, log_p_t, reduction="batchmean", log_target=True)

@@ -116,4 +116,14 @@ def run_task(path: str | Path, overrides=(), quick: bool = False, out: str | Pat
     return out_dir, metrics
 
 
-from metadyn.runner import anytime  # noqa: E402,F401  (registers the "anytime" kind)
+def _register_kinds() -> None:
+    """Import every module of this package: each registers its task kind in TASK_KINDS."""
+    import importlib
+    import pkgutil
+
+    for mod in pkgutil.iter_modules(__path__):
+        if mod.name != "report":
+            importlib.import_module(f"{__name__}.{mod.name}")
+
+
+_register_kinds()

@@ -69,3 +69,18 @@ def test_ece_and_reliability_by_hand():
     assert r["count"] == [0.0, 0.0, 2.0, 0.0]  # 0.7 falls in (0.5, 0.75]
     assert r["accuracy"][2] == pytest.approx(0.5)
     assert r["confidence"][2] == pytest.approx(0.7)
+
+
+def test_kd_loss_by_hand_and_teacher_detached():
+    from metadyn.core.losses import kd_loss
+
+    s = torch.tensor([[1.0, 0.0]], requires_grad=True)
+    t = torch.tensor([[0.0, 2.0]], requires_grad=True)
+    tau = 2.0
+    ps, pt = (s / tau).softmax(-1), (t / tau).softmax(-1)
+    want = tau**2 * (pt * (pt.log() - ps.log())).sum()
+    got = kd_loss(s, t, tau)
+    assert torch.allclose(got, want)
+    got.backward()
+    assert t.grad is None and s.grad is not None
+    assert kd_loss(t.detach(), t.detach()).item() == pytest.approx(0.0, abs=1e-7)
