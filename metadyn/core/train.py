@@ -255,4 +255,5 @@ def _progress(total: int | None, desc: str, enabled: bool):
         return None
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True)
+    # disable=None: bars on a terminal, none in logs and CI
+    return tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True, disable=None)
