@@ -156,7 +156,8 @@ def fit(
         model: usually a MultiExitNet (``loss`` receives its ExitOutput).
         data: ``(x, y)`` tensors, an object with ``.x``/``.y`` (a :class:`metadyn.data.Split`), or a
             callable ``epoch -> iterable of (x, y)``.
-        loss: a method's loss; default exit-wise cross-entropy.
+        loss: a method's loss ``loss(out, y)``; default exit-wise cross-entropy. A loss that is an
+            ``nn.Module`` (one with parameters, e.g. projection heads) is trained along with the model.
         schedule: ``"cosine"`` (per-step cosine decay to 0) or ``"constant"``.
         augment: optional batch transform applied to ``x`` during training.
         checkpoint: where to write the checkpoint after every epoch; if the file exists, training
@@ -172,7 +173,13 @@ def fit(
     loss_fn = loss or ce_loss()
     dev = pick_device(device)
     model.to(dev)
-    params = [p for p in model.parameters() if p.requires_grad]
+    # A loss may carry parameters of its own (an nn.Module: projection heads, attention modules); they
+    # are trained with the model and saved in the checkpoint.
+    loss_mod = loss_fn if isinstance(loss_fn, nn.Module) else None
+    if loss_mod is not None:
+        loss_mod.to(dev)
+    trainable = list(model.parameters()) + (list(loss_mod.parameters()) if loss_mod is not None else [])
+    params = [p for p in trainable if p.requires_grad]
     opt = make_optimizer(params, optimizer, lr, momentum, weight_decay)
     n = len(data.x if hasattr(data, "x") else data[0]) if not callable(data) else None
     steps_per_epoch = math.ceil(n / batch_size) if n else None
@@ -188,6 +195,8 @@ def fit(
     if checkpoint is not None and Path(checkpoint).exists():
         ck = load_checkpoint(checkpoint, map_location=dev)
         model.load_state_dict(ck["model"])
+        if loss_mod is not None:
+            loss_mod.load_state_dict(ck["loss"])
         opt.load_state_dict(ck["optimizer"])
         sched.load_state_dict(ck["scheduler"])
         state.epoch, state.step, state.history = ck["epoch"], ck["step"], list(ck["history"])
@@ -199,6 +208,8 @@ def fit(
         state.epoch = epoch
         torch.manual_seed(seed * 100_003 + epoch)  # dropout/augmentation randomness, reproducible on resume
         model.train()
+        if loss_mod is not None:
+            loss_mod.train()
         for cb in callbacks:
             cb.on_epoch_start(state)
         total_loss = torch.zeros((), device=dev)
@@ -238,6 +249,7 @@ def fit(
         state.epoch = epoch + 1
         if checkpoint is not None:
             save_checkpoint({"model": model.state_dict(), "optimizer": opt.state_dict(),
+                             "loss": loss_mod.state_dict() if loss_mod is not None else {},
                              "scheduler": sched.state_dict(), "epoch": state.epoch, "step": state.step,
                              "history": state.history}, checkpoint)
     return state

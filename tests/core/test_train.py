@@ -94,3 +94,22 @@ def test_checkpoints_are_safe_to_load(tmp_path):
     torch.save({"x": Evil()}, p)  # weights_only=True refuses arbitrary objects
     with pytest.raises(InputError):
         load_checkpoint(p)
+
+
+def test_a_loss_with_parameters_is_trained_and_checkpointed(tmp_path):
+    x, y = _data()
+
+    class ScaledCE(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.log_scale = torch.nn.Parameter(torch.zeros(()))
+
+        def forward(self, out, target):
+            return ce_loss()(type(out)([lg * self.log_scale.exp() for lg in out.logits], out.features), target)
+
+    loss = ScaledCE()
+    ck = tmp_path / "c.pt"
+    fit(tiny_mlp_exits(num_classes=4), (x, y), loss=loss, epochs=2, batch_size=16, device="cpu", progress=False,
+        checkpoint=ck)
+    assert loss.log_scale.item() != 0.0
+    assert torch.equal(load_checkpoint(ck)["loss"]["log_scale"], loss.log_scale.detach())
