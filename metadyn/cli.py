@@ -20,9 +20,10 @@ def cmd_run(args) -> int:
     from metadyn.runner import run_task
 
     out, metrics = run_task(args.task, args.set or [], quick=args.quick, out=args.out, progress=not args.no_progress)
-    print(f"wrote {out}/metrics.json, report.md, plots and checkpoint.pt")
+    print(f"wrote {out}/: {', '.join(sorted(p.name for p in out.iterdir()))}")
     for e in metrics["exits"]:
-        print(f"  exit {e['exit']}: accuracy {100 * e['accuracy']:.2f}%  {e['mflops']:.3f} MFLOPs  ECE {e['ece']:.3f}")
+        ece = f"  ECE {e['ece']:.3f}" if "ece" in e else ""
+        print(f"  exit {e['exit']}: accuracy {100 * e['accuracy']:.2f}%  {e['mflops']:.3f} MFLOPs{ece}")
     return 0
 
 

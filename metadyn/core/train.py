@@ -159,7 +159,9 @@ def fit(
         loss: a method's loss ``loss(out, y)``; default exit-wise cross-entropy. A loss that is an
             ``nn.Module`` (one with parameters, e.g. projection heads) is trained along with the model.
         schedule: ``"cosine"`` (per-step cosine decay to 0) or ``"constant"``.
-        augment: optional batch transform applied to ``x`` during training.
+        augment: optional batch transform applied to ``x`` during training. A loss with an attribute
+            ``views = V > 1`` receives ``V`` independently augmented copies of each batch stacked
+            view-major, ``(V*B, ...)``, with the labels repeated.
         checkpoint: where to write the checkpoint after every epoch; if the file exists, training
             resumes from it (its model, optimizer, schedule and history).
         progress: show a tqdm progress bar per epoch.
@@ -178,6 +180,7 @@ def fit(
     loss_mod = loss_fn if isinstance(loss_fn, nn.Module) else None
     if loss_mod is not None:
         loss_mod.to(dev)
+    views = int(getattr(loss_fn, "views", 1))  # a loss may ask for several augmented views of each batch
     trainable = list(model.parameters()) + (list(loss_mod.parameters()) if loss_mod is not None else [])
     params = [p for p in trainable if p.requires_grad]
     opt = make_optimizer(params, optimizer, lr, momentum, weight_decay)
@@ -216,7 +219,10 @@ def fit(
         seen = 0
         bar = _progress(steps_per_epoch, f"epoch {epoch + 1}/{epochs}", progress)
         for b, (x, y) in enumerate(_epoch_batches(data, batch_size, seed, epoch, dev)):
-            if augment is not None:
+            if views > 1:  # (V*B, ...): view-major, each view augmented independently
+                x = torch.cat([augment(x) if augment is not None else x for _ in range(views)])
+                y = y.repeat(views)
+            elif augment is not None:
                 x = augment(x)
             state.batch = (x, y)
             out = model(x)

@@ -82,6 +82,17 @@ class AnytimeConfig(TaskConfig):
     eval: EvalSpec = field(default_factory=EvalSpec)
 
 
+def build_method(name: str, options: dict, model, in_shape):
+    """The loss of METHODS ``name``; a factory taking ``model`` / ``in_shape`` receives them (methods
+    whose loss has parameters sized by the network, e.g. projection heads per exit)."""
+    import inspect
+
+    factory = METHODS.get(name)
+    params = inspect.signature(factory).parameters
+    fixed = {k: v for k, v in (("model", model), ("in_shape", in_shape)) if k in params}
+    return checked_call(factory, options, "train.method_options", **fixed)
+
+
 def build(cfg: AnytimeConfig):
     """Validate and build everything a run needs (data, model, loss, augmentation) without side effects."""
     from metadyn.data import load_classification
@@ -101,8 +112,15 @@ def build(cfg: AnytimeConfig):
                                **cfg.data.options)
     model = checked_call(BACKBONES.get(cfg.model.backbone), cfg.model.options, "model.options",
                          in_shape=data.in_shape, num_classes=data.num_classes)
-    loss = checked_call(METHODS.get(cfg.train.method), cfg.train.method_options, "train.method_options")
+    loss = build_method(cfg.train.method, cfg.train.method_options, model, data.in_shape)
     return data, model, loss, AUGMENTS[cfg.train.augment]
+
+
+def method_callbacks(loss, model) -> list:
+    """The training callbacks a method brings: a loss may carry ``callbacks(model) -> list[Callback]``
+    (e.g. IMTA's gradient equilibrium); most bring none."""
+    make = getattr(loss, "callbacks", None)
+    return list(make(model)) if make is not None else []
 
 
 def run(cfg: AnytimeConfig, out: Path, prepare, progress: bool = True) -> dict:
@@ -114,7 +132,8 @@ def run(cfg: AnytimeConfig, out: Path, prepare, progress: bool = True) -> dict:
     t = cfg.train
     state = fit(model, data.train, loss=loss, epochs=t.epochs, batch_size=t.batch_size, lr=t.lr,
                 optimizer=t.optimizer, momentum=t.momentum, weight_decay=t.weight_decay, schedule=t.schedule,
-                augment=augment, seed=cfg.seed, device=device, checkpoint=out / "checkpoint.pt", progress=progress)
+                augment=augment, seed=cfg.seed, device=device, callbacks=method_callbacks(loss, model),
+                checkpoint=out / "checkpoint.pt", progress=progress)
     model.eval()
 
     bs = cfg.eval.batch_size

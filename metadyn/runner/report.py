@@ -20,7 +20,7 @@ def markdown_table(rows: Sequence[dict], columns: Sequence[tuple[str, str, str]]
     return "\n".join(lines)
 
 
-def _pyplot():
+def pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
@@ -31,7 +31,7 @@ def _pyplot():
 
 def plot_accuracy_vs_mflops(path: Path, curve: Sequence[dict], exits: Sequence[dict], title: str = "") -> None:
     """The budgeted curve (dynamic early exit) with every exit's anytime accuracy as points."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(5.5, 4))
     if curve:
         pts = sorted(curve, key=lambda c: c["mflops"])
@@ -54,7 +54,7 @@ def plot_accuracy_vs_mflops(path: Path, curve: Sequence[dict], exits: Sequence[d
 
 def plot_exit_histogram(path: Path, fractions: Sequence[float], title: str = "") -> None:
     """Fraction of test samples leaving at each exit."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(5, 3.2))
     ax.bar(range(len(fractions)), [100 * f for f in fractions], color="tab:blue")
     ax.set_xticks(range(len(fractions)))
@@ -68,7 +68,7 @@ def plot_exit_histogram(path: Path, fractions: Sequence[float], title: str = "")
 
 def plot_reliability(path: Path, before: Sequence[dict], after: Sequence[dict] | None = None) -> None:
     """Reliability diagrams, one panel per exit: accuracy per confidence bin, before/after temperature scaling."""
-    plt = _pyplot()
+    plt = pyplot()
     k = len(before)
     fig, axes = plt.subplots(1, k, figsize=(2.6 * k, 2.8), squeeze=False)
     for i, ax in enumerate(axes[0]):
