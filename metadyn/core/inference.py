@@ -148,3 +148,43 @@ def collect_logits(model: nn.Module, x: Tensor, batch_size: int = 256) -> list[T
     finally:
         model.train(was_training)
     return [torch.cat(c) for c in zip(*chunks)]
+
+
+# --------------------------------------------------------------------------- per-block skipping (SkipNet, BlockDrop)
+
+
+def skip_block(block: nn.Module, x: Tensor, on: Tensor, inplace: bool = False) -> Tensor:
+    """A gated residual block that computes only on the samples whose gate is on: ``x[on] = block(x[on])``.
+
+    The other samples take the block's shortcut (``block.shortcut``: the identity, or option A's
+    subsample-and-pad, so a downsampling block can be skipped too). The reference SkipNet/BlockDrop codes
+    compute ``mask * block(x) + (1 - mask) * shortcut(x)`` instead, which saves FLOPs only on paper.
+
+    There is one host synchronisation (finding the gated-on samples) and one gather and one scatter with
+    the same index; advanced indexing (``t[idx]``) keeps a channels-last layout, ``index_select`` would not.
+
+    Args:
+        block: a residual block with a ``shortcut`` module (:class:`~metadyn.core.backbones.resnet.BasicBlock`).
+        x: ``(B, C, H, W)`` input.
+        on: ``(B,)`` bool, the samples whose block runs.
+        inplace: write the block's outputs into ``x`` where the shortcut is the identity; only for a tensor
+            the caller owns and no longer needs (a gated forward's running activation). Otherwise ``x`` is
+            left untouched.
+
+    Returns:
+        ``(B, C', H', W')``: ``block(x[n])`` where ``on[n]``, ``block.shortcut(x[n])`` elsewhere.
+    """
+    idx = on.nonzero().squeeze(1)  # the one host sync of this block
+    n = idx.numel()
+    if n == x.shape[0]:
+        return block(x)
+    out = block.shortcut(x)
+    if n == 0:
+        return out
+    if out is x:
+        if not inplace:
+            out = x.clone()
+    elif out.untyped_storage().data_ptr() == x.untyped_storage().data_ptr():
+        out = out.clone()  # a strided view of x (a subsampling shortcut): never write through it
+    out[idx] = block(x[idx])
+    return out
