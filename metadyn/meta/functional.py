@@ -1,0 +1,102 @@
+"""Pure functions of the meta-learning engine: parameter dicts in, parameter dicts out (torch.func).
+
+A model is run with :func:`torch.func.functional_call` on a dict of parameters; an inner loop maps a
+dict to its adapted dict; nothing is cloned or patched. :class:`ExitRunner` lets ``functional_call``
+run only a prefix of a :class:`~metadyn.core.backbones.base.MultiExitNet` (the trunk up to exit i and
+head i), which is what makes "each exit is a task" cheap: exit 0 never computes the deeper blocks.
+
+References:
+    Finn et al., "Model-Agnostic Meta-Learning for Fast Adaptation of Deep Networks", ICML 2017,
+    Eq. 1 (inner update) and Eq. 2 (meta-objective); Li et al., "Meta-SGD", 2017, Eq. 3.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.func import functional_call
+
+from metadyn.core.backbones.base import MultiExitNet
+
+Params = dict[str, Tensor]
+
+
+def to_channels_last(x: Tensor) -> Tensor:
+    """``x`` (4-D) in channels-last layout, so that the convolutions reading it run channels-last.
+
+    With one channel the bytes of both layouts coincide and only the strides differ (``.contiguous``
+    would keep the NCHW strides): a view with channels-last strides is returned, no copy.
+    """
+    if x.dim() != 4 or (x.is_contiguous(memory_format=torch.channels_last) and x.stride(1) == 1):
+        return x
+    n, c, h, w = x.shape
+    if c == 1 and x.is_contiguous():
+        return x.as_strided((n, c, h, w), (h * w, 1, w, 1), x.storage_offset())
+    return torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=torch.channels_last).copy_(x)
+
+
+class ExitRunner(nn.Module):
+    """Runs a MultiExitNet up to the exits asked for; its parameters are the net's, prefixed ``net.``.
+
+    ``forward(x, exits, mode)`` with ``exits`` a sorted tuple of exit indices:
+
+    - ``"logits"``: the logits of those exits, computing the trunk once up to the deepest;
+    - ``"states"``: the trunk states at those exits (what each exit head reads);
+    - ``"head"``: ``x`` is exit ``exits[0]``'s state; returns that head's logits.
+    """
+
+    def __init__(self, net: MultiExitNet):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x, exits: tuple[int, ...], mode: str = "logits") -> list[Tensor]:
+        if mode == "head":
+            return [self.net.exit(exits[0], x)[0]]
+        state = self.net.stem(x)
+        out = []
+        for i in range(exits[-1] + 1):
+            state = self.net.stage(i, state)
+            if i in exits:
+                out.append(state if mode == "states" else self.net.exit(i, state)[0])
+        return out
+
+
+def run_exits(runner: ExitRunner, params: Mapping[str, Tensor], x, exits: tuple[int, ...],
+              mode: str = "logits") -> list[Tensor]:
+    """``runner(x, exits, mode)`` with the parameters ``params`` (buffers are the runner's own)."""
+    return functional_call(runner, dict(params), (x, exits, mode), strict=False)
+
+
+def inner_loop(loss_fn: Callable[[Params], Tensor], params: Params, keys: Sequence[str],
+               lrs: Mapping[str, float | Tensor], steps: int, second_order: bool) -> Params:
+    """Gradient steps on the parameters ``keys`` of ``params``; the others are used as they are.
+
+    ``theta_{s+1} = theta_s - alpha * grad_theta L_support(theta_s)`` (MAML's Eq. 1; with a tensor
+    ``alpha`` per parameter it is Meta-SGD's Eq. 3). With ``second_order`` the adapted parameters stay
+    differentiable functions of ``params`` through the gradients (MAML); without, the gradients are
+    constants (first-order MAML, Finn et al. Sec. 5.2). A parameter that does not reach the loss gets
+    a zero gradient. Works under ``torch.no_grad`` too (evaluation: nothing is kept for an outer loop).
+
+    Returns:
+        A new dict with every key of ``params``.
+    """
+    fast = dict(params)
+    for _ in range(steps):
+        with torch.enable_grad():
+            sub = [fast[k] if fast[k].requires_grad else fast[k].detach().requires_grad_() for k in keys]
+            loss = loss_fn({**fast, **dict(zip(keys, sub))})
+            grads = torch.autograd.grad(loss, sub, create_graph=second_order, allow_unused=True)
+        fast.update({k: p - lrs[k] * g for k, p, g in zip(keys, sub, grads) if g is not None})
+    return fast
+
+
+def accuracy(logits: Tensor, y: Tensor) -> Tensor:
+    """Fraction of correct arg-max predictions (a 0-d tensor)."""
+    return (logits.argmax(-1) == y).float().mean()
+
+
+def cross_entropy(logits: Tensor, y: Tensor) -> Tensor:
+    return F.cross_entropy(logits, y)

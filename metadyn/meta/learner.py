@@ -1,0 +1,293 @@
+"""MAML, first-order MAML, ANIL and Meta-SGD over the exits of a multi-exit network.
+
+Each exit is a task (the seed's "Idea 2"): for an episode, exit ``i`` runs its own inner loop over
+the parameters on its path only — the trunk up to exit ``i`` and head ``i`` — and the meta-objective
+is the weighted sum of the exits' query losses after adaptation,
+
+    min_theta  E_episodes  sum_i  w_i  L_query^i( U_i(theta) ),
+    U_i(theta) = theta - alpha_i * grad_{path_i} L_support^i(theta)    (steps_i times),
+
+where ``U_i`` leaves every parameter off exit ``i``'s path untouched, so exit ``i``'s term gives
+those parameters an exactly zero meta-gradient. Unlike ordinary meta-learning the tasks share only
+part of the parameters (a deep exit shares the whole trunk of a shallow one, not vice versa).
+
+Options: per-exit inner rates and steps; ``share_trunk`` (one inner loop whose trunk update is the sum
+of every exit's update — equivalently, joint multi-exit MAML); ANIL (heads only); Meta-SGD (learned
+per-parameter inner rates). Normalisation must be per episode (``norm="batch_episodic"`` or
+``"group"`` in Conv-4): a BatchNorm with running statistics would mix episodes and is refused.
+
+References:
+    Finn et al., "Model-Agnostic Meta-Learning", ICML 2017 (Eq. 1, 2; first-order: Sec. 5.2);
+    Raghu et al., "Rapid Learning or Feature Reuse? (ANIL)", ICLR 2020, Sec. 4;
+    Li et al., "Meta-SGD: Learning to Learn Quickly for Few-Shot Learning", 2017, Eq. 3-4.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from metadyn.core.backbones.base import MultiExitNet
+from metadyn.errors import InputError
+from metadyn.meta.functional import (
+    ExitRunner,
+    Params,
+    accuracy,
+    cross_entropy,
+    inner_loop,
+    run_exits,
+    to_channels_last,
+)
+
+ALGORITHMS = ("maml", "fomaml", "anil", "metasgd")
+
+Batch = tuple[Tensor, Tensor, Tensor, Tensor]  # support_x (T, N*K, C, H, W), support_y, query_x, query_y
+
+
+def _per_exit(name: str, value, n: int, kind: type) -> list:
+    values = list(value) if isinstance(value, Sequence) and not isinstance(value, str) else [value] * n
+    if len(values) != n:
+        raise InputError(f"{name} has {len(values)} entries for {n} exits")
+    for v in values:
+        if isinstance(v, bool) or not isinstance(v, (int, float) if kind is float else int) or v < 0:
+            raise InputError(f"{name} must be a non-negative {kind.__name__} (or one per exit), got {value!r}")
+    return [kind(v) for v in values]
+
+
+class _PrecomputedGrad(torch.autograd.Function):
+    """Hands gradients computed eagerly, episode by episode, to autograd: ``value.backward()`` then
+    accumulates them into the leaves' ``.grad`` (so meta-training runs in :func:`metadyn.core.train.fit`
+    with any optimizer, and its memory is one episode's graph, not a meta-batch's)."""
+
+    @staticmethod
+    def forward(ctx, value: Tensor, grads: tuple, *leaves: Tensor) -> Tensor:
+        ctx.grads = grads
+        return value.detach().clone()
+
+    @staticmethod
+    def backward(ctx, gout: Tensor):
+        grads, ctx.grads = ctx.grads, None  # released, so that .grad can take over the buffers
+        if bool(gout == 1):  # the usual loss.backward()
+            return (None, None, *grads)
+        return (None, None, *(gout * g for g in grads))
+
+
+class MetaLearner(nn.Module):
+    """A multi-exit network meta-learned with each exit as a task.
+
+    Args:
+        net: a MultiExitNet with per-episode normalisation.
+        algorithm: ``maml`` (second order), ``fomaml`` (first order), ``anil`` (adapt heads only) or
+            ``metasgd`` (learned per-parameter inner rates, initialised to ``inner_lr``).
+        inner_lr: inner learning rate, or one per exit in ``exits``.
+        inner_steps: inner steps during meta-training, or one per exit.
+        exits: which exits are tasks: ``None`` = all, else a list of exit indices
+            (``[net.num_exits - 1]`` is plain MAML on the final exit).
+        exit_weights: ``w_i`` of the meta-objective (default 1 each).
+        share_trunk: one inner loop for all exits whose trunk update is the sum of every exit's
+            update (heads still take their own); this is joint multi-exit MAML.
+        channels_last: run convolutions in channels-last layout (``None``: on the CPU, where it makes
+            normalisation and pooling several times faster).
+
+    Example::
+
+        learner = MetaLearner(conv4_exits(width=32, norm="batch_episodic"), "maml", inner_lr=0.4)
+        opt = torch.optim.Adam(learner.parameters(), 1e-3)
+        loss = learner(sampler.batch(0, 8))      # meta-gradients are computed here, episode by episode
+        opt.zero_grad(); loss.backward(); opt.step()
+        logits = learner.predict(ep.support_x, ep.support_y, ep.query_x)   # one (Q, N) per exit
+    """
+
+    def __init__(self, net: MultiExitNet, algorithm: str = "maml", inner_lr: float | Sequence[float] = 0.4,
+                 inner_steps: int | Sequence[int] = 1, exits: Sequence[int] | None = None,
+                 exit_weights: Sequence[float] | None = None, share_trunk: bool = False,
+                 channels_last: bool | None = None):
+        super().__init__()
+        if algorithm not in ALGORITHMS:
+            raise InputError(f"unknown meta-learning algorithm {algorithm!r}; choose from: {', '.join(ALGORITHMS)}")
+        for m in net.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats:
+                raise InputError("meta-learning needs per-episode normalisation: build the backbone with "
+                                 "norm='batch_episodic' or 'group' (BatchNorm running statistics mix episodes)")
+        k = net.num_exits
+        exits = list(range(k)) if exits is None else [int(e) for e in exits]
+        if not exits or sorted(set(exits)) != exits or exits[0] < 0 or exits[-1] >= k:
+            raise InputError(f"exits must be increasing exit indices in 0..{k - 1}, got {exits}")
+        self.net = net
+        self.algorithm = algorithm
+        self.exits = tuple(exits)
+        self.inner_lr = _per_exit("inner_lr", inner_lr, len(exits), float)
+        self.inner_steps = _per_exit("inner_steps", inner_steps, len(exits), int)
+        self.exit_weights = _per_exit("exit_weights", exit_weights if exit_weights is not None else 1.0,
+                                      len(exits), float)
+        self.share_trunk = bool(share_trunk) and algorithm != "anil"  # ANIL's trunk is never adapted
+        if self.share_trunk and len(set(self.inner_steps)) > 1:
+            raise InputError(f"share_trunk needs one inner_steps for all exits, got {self.inner_steps}")
+        if algorithm == "metasgd" and len(set(self.inner_lr)) > 1:
+            raise InputError("metasgd learns its own per-parameter rates: give one inner_lr to start from")
+        self.channels_last = channels_last
+        self._runner = [ExitRunner(net)]  # a list: not a submodule, so the parameters are not listed twice
+        self.inner_lrs = nn.ParameterDict()
+        if algorithm == "metasgd":
+            for name, p in self._leaf_params().items():
+                self.inner_lrs[name.replace(".", "__")] = nn.Parameter(torch.full_like(p, self.inner_lr[0]))
+        self._paths: dict[int, tuple[list[str], list[str]]] | None = None
+        self.last_stats: dict = {}
+
+    # ------------------------------------------------------------------ parameters and paths
+
+    @property
+    def runner(self) -> ExitRunner:
+        return self._runner[0]
+
+    def _leaf_params(self) -> Params:
+        """The meta-learned network parameters, keyed as the runner names them (``net.<name>``)."""
+        return {n: p for n, p in self.runner.named_parameters() if p.requires_grad}
+
+    def exit_paths(self, x: Tensor) -> dict[int, tuple[list[str], list[str]]]:
+        """For every exit ``i``: ``(path, head)`` — the parameters that reach exit ``i``'s logits and,
+        of those, the ones that do not reach its trunk state (its head). Found once, from the autograd
+        graph of a forward on ``x`` (two samples of an episode)."""
+        if self._paths is None:
+            x = x[:2] if len(x) > 1 else torch.cat([x, x])
+            params = self._leaf_params()
+            names, leaves = list(params), list(params.values())
+            paths = {}
+            with torch.enable_grad():
+                for i in range(self.net.num_exits):
+                    state = run_exits(self.runner, params, x, (i,), "states")[0]
+                    logits = self.runner.net.exit(i, state)[0]
+                    path = self._reached(logits, names, leaves)
+                    in_trunk = set(self._reached(state, names, leaves))
+                    paths[i] = (path, [n for n in path if n not in in_trunk])
+            self._paths = paths
+        return self._paths
+
+    @staticmethod
+    def _reached(out: Tensor, names: list[str], leaves: list[Tensor]) -> list[str]:
+        if not out.requires_grad:  # e.g. a frozen trunk
+            return []
+        grads = torch.autograd.grad(out.sum(), leaves, allow_unused=True, retain_graph=True)
+        return [n for n, g in zip(names, grads) if g is not None]
+
+    def _lrs(self, keys: Sequence[str], rate: float) -> dict[str, float | Tensor]:
+        if self.algorithm == "metasgd":
+            return {k: self.inner_lrs[k.replace(".", "__")] for k in keys}
+        return dict.fromkeys(keys, rate)
+
+    def _input(self, x: Tensor) -> Tensor:
+        cl = self.channels_last if self.channels_last is not None else x.device.type == "cpu"
+        return to_channels_last(x) if cl else x
+
+    # ------------------------------------------------------------------ adaptation
+
+    def episode_logits(self, params: Params, sx: Tensor, sy: Tensor, qx: Tensor, second_order: bool,
+                       steps: Sequence[int] | None = None) -> Iterator[tuple[tuple[int, ...], list[Tensor]]]:
+        """Adapt on one episode's support set and yield ``(exits, query logits)`` task group by task group.
+
+        A group is one exit (exits as separate tasks), all exits (``share_trunk``, ANIL). Yielding
+        group by group lets the caller differentiate and free each group's graph before the next.
+        """
+        steps = self.inner_steps if steps is None else list(steps)
+        sx, qx = self._input(sx), self._input(qx)
+        paths = self.exit_paths(sx)
+        pos = {e: j for j, e in enumerate(self.exits)}
+        runner = self.runner
+
+        if self.algorithm == "anil":  # trunk features once at theta; only the heads adapt (Raghu et al. Sec. 4)
+            s_states = run_exits(runner, params, sx, self.exits, "states")
+            q_states = run_exits(runner, params, qx, self.exits, "states")
+            logits = []
+            for e, s_state, q_state in zip(self.exits, s_states, q_states):
+                j = pos[e]
+
+                def head_loss(p: Params, s=s_state, e=e) -> Tensor:
+                    return cross_entropy(run_exits(runner, p, s, (e,), "head")[0], sy)
+
+                head = paths[e][1]
+                fast = inner_loop(head_loss, params, head, self._lrs(head, self.inner_lr[j]), steps[j], second_order)
+                logits.append(run_exits(runner, fast, q_state, (e,), "head")[0])
+            yield self.exits, logits
+            return
+
+        if self.share_trunk:  # one loop; step = sum of every exit's own update alpha_i * grad L_i
+            keys = sorted({n for e in self.exits for n in paths[e][0]})
+            rates = self.inner_lr
+
+            def joint_loss(p: Params) -> Tensor:
+                out = run_exits(runner, p, sx, self.exits)
+                scale = [1.0] * len(out) if self.algorithm == "metasgd" else rates
+                return sum(r * cross_entropy(z, sy) for r, z in zip(scale, out))
+
+            fast = inner_loop(joint_loss, params, keys, self._lrs(keys, 1.0), steps[0], second_order)
+            yield self.exits, run_exits(runner, fast, qx, self.exits)
+            return
+
+        for e in self.exits:  # each exit its own task over its own path
+            j = pos[e]
+
+            def exit_loss(p: Params, e=e) -> Tensor:
+                return cross_entropy(run_exits(runner, p, sx, (e,))[0], sy)
+
+            path = paths[e][0]
+            fast = inner_loop(exit_loss, params, path, self._lrs(path, self.inner_lr[j]), steps[j], second_order)
+            yield (e,), run_exits(runner, fast, qx, (e,))
+
+    @torch.no_grad()
+    def predict(self, sx: Tensor, sy: Tensor, qx: Tensor, steps: int | Sequence[int] | None = None) -> list[Tensor]:
+        """Adapt every exit on one episode's support set and return each exit's ``(Q, N)`` query logits."""
+        if steps is not None:
+            steps = _per_exit("steps", steps, len(self.exits), int)
+        out = []
+        for _, logits in self.episode_logits(self._leaf_params(), sx, sy, qx, False, steps):
+            out.extend(z.float() for z in logits)
+        return out
+
+    # ------------------------------------------------------------------ meta-gradient
+
+    def meta_gradient(self, batch: Batch) -> tuple[Tensor, list[Tensor]]:
+        """Mean over the batch's episodes of the meta-objective, and its gradient for :meth:`parameters`.
+
+        Computed episode by episode and task group by task group (one graph alive at a time). Under
+        ``torch.distributed`` each rank takes the episodes ``rank, rank + world, ...`` and the sums are
+        all-reduced, so every rank ends with the gradient of the whole meta-batch.
+        """
+        sx, sy, qx, qy = batch
+        t_all = len(sx)
+        rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() \
+            else (0, 1)
+        params = self._leaf_params()
+        leaves = [*params.values(), *self.inner_lrs.values()]
+        grads: list[Tensor | None] = [None] * len(leaves)
+        k = len(self.exits)
+        stats = torch.zeros(2 * k + 1, dtype=torch.float64, device=sx.device)  # loss, acc per exit; total
+        second = self.algorithm in ("maml", "metasgd")
+        weight = dict(zip(self.exits, self.exit_weights))
+        pos = {e: j for j, e in enumerate(self.exits)}
+        for t in range(rank, t_all, world):
+            for exits, logits in self.episode_logits(params, sx[t], sy[t], qx[t], second):
+                losses = [cross_entropy(z, qy[t]) for z in logits]
+                total = sum(weight[e] * ls for e, ls in zip(exits, losses)) / t_all
+                for j, d in enumerate(torch.autograd.grad(total, leaves, allow_unused=True)):
+                    if d is not None:  # the first gradient becomes the accumulator: no extra buffer
+                        grads[j] = d if grads[j] is None else grads[j].add_(d)
+                for e, ls, z in zip(exits, losses, logits):
+                    stats[pos[e]] += ls.detach() / t_all
+                    stats[k + pos[e]] += accuracy(z, qy[t]) / t_all
+                stats[-1] += total.detach()
+        grads = [torch.zeros_like(p) if g is None else g for p, g in zip(leaves, grads)]  # off every path: 0
+        if world > 1:
+            for g in grads:
+                dist.all_reduce(g)
+            dist.all_reduce(stats)
+        self.last_stats = {"query_loss": stats[:k].tolist(), "query_accuracy": stats[k:2 * k].tolist()}
+        return stats[-1].to(sx.dtype if sx.is_floating_point() else torch.float32), grads
+
+    def forward(self, batch: Batch) -> Tensor:
+        """The meta-objective of a meta-batch; its ``.backward()`` writes the meta-gradients."""
+        value, grads = self.meta_gradient(batch)
+        leaves = [*self._leaf_params().values(), *self.inner_lrs.values()]
+        return _PrecomputedGrad.apply(value, tuple(grads), *leaves)
