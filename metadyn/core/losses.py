@@ -12,7 +12,8 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
+from torch.utils._pytree import tree_leaves, tree_map
 
 from metadyn.core.outputs import ExitOutput
 from metadyn.errors import InputError
@@ -63,3 +64,183 @@ def kd_loss(student: Tensor, teacher: Tensor, tau: float = 1.0) -> Tensor:
     log_p_s = F.log_softmax(student / tau, dim=-1)
     log_p_t = F.log_softmax(teacher.detach() / tau, dim=-1)
     return tau * tau * F.kl_div(log_p_s, log_p_t, reduction="batchmean", log_target=True)
+
+
+# --------------------------------------------------------------------------- self-distillation (IMTA)
+
+
+def distillation_loss(out: ExitOutput, tau: float = 3.0, teachers: str = "later") -> Tensor:
+    """Self-distillation between exits, ``L_dist = 1/M sum_m 1/|T(m)| sum_{t in T(m)} l^tau(p_t, p_m)``.
+
+    ``M`` is the number of exits; the teachers ``T(m)`` of exit ``m`` are all later exits (``"later"``) or
+    the final exit only (``"last"``); the final exit has no teacher (its term is 0, the sum is still divided
+    by ``M``). ``l^tau`` is :func:`kd_loss`: ``tau^2 * KL(p_t^tau || p_m^tau)`` with the teacher detached —
+    the paper writes the cross-entropy of the softened distributions, which differs from the KL by the
+    teacher's entropy, a constant without gradient. Every sample counts, labeled or not.
+
+    References:
+        Phuong & Lampert, "Distillation-Based Training for Multi-Exit Architectures", ICCV 2019, Sec. 3
+        (``L_dist``; the two teacher sets; the semi-supervised use of unlabeled samples). The seed talk
+        and the issue present this loss together with IMTA (Li et al., ICCV 2019).
+    """
+    if teachers not in ("later", "last"):
+        raise InputError(f"unknown distillation teachers {teachers!r}; choose from: later, last")
+    m = out.num_exits
+    total = out.logits[0].new_zeros(())
+    for s in range(m - 1):
+        ts = range(s + 1, m) if teachers == "later" else (m - 1,)
+        total = total + torch.stack([kd_loss(out.logits[s], out.logits[t], tau) for t in ts]).mean()
+    return total / m
+
+
+def _stage_params(model, x: Tensor) -> list[list[nn.Parameter]]:
+    """The trainable parameters each stage of a MultiExitNet uses first (the stem's count as stage 0's).
+
+    Found with autograd on ``x``: stage ``j`` runs on a detached copy of State ``j - 1`` and the parameters
+    its output depends on are its own. The model runs in eval mode (no BatchNorm statistics change).
+    """
+    params = [p for p in model.parameters() if p.requires_grad]
+    seen: set[int] = set()
+    groups: list[list[nn.Parameter]] = []
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.enable_grad():
+            state = model.stem(x)
+            for j in range(model.num_exits):
+                if j > 0:
+                    state = tree_map(lambda t: t.detach() if isinstance(t, Tensor) else t, state)
+                state = model.stage(j, state)
+                leaves = [t for t in tree_leaves(state) if isinstance(t, Tensor) and t.requires_grad]
+                grads = (torch.autograd.grad(torch.stack([t.sum() for t in leaves]).sum(), params, allow_unused=True)
+                         if leaves else [None] * len(params))
+                group = [p for p, g in zip(params, grads) if g is not None and id(p) not in seen]
+                seen.update(id(p) for p in group)
+                groups.append(group)
+    finally:
+        model.train(was_training)
+    return groups
+
+
+class GradientEquilibrium:
+    """Gradient equilibrium (GE) as a training callback for :func:`metadyn.core.train.fit`.
+
+    GE rescales gradients where exit ``i`` (1-based, ``K`` exits) branches off the trunk: the gradient from
+    classifier ``i`` by ``1/(K-i+1)`` and the gradient coming back from the later blocks by
+    ``(K-i)/(K-i+1)`` (the released code: ``gradient_rescale(x, 1/(K-i))`` before classifier ``i`` and
+    ``gradient_rescale(x, K-i-1)`` after it, 0-based ``i``). Along the chain of stages these factors
+    telescope: any loss that depends on stage ``j`` (0-based) reaches stage ``j``'s parameters scaled by
+    exactly ``1/(K-j)``, whatever exit it comes from, while exit heads keep their full gradient. So this
+    callback multiplies the gradient of stage ``j``'s parameters (the stem counting as stage 0) by
+    ``1/(K-j)`` after each backward pass — no extra autograd nodes. This relies on the MultiExitNet
+    contract: stage ``i`` reads only State ``i-1`` and exit ``i`` only State ``i``.
+
+    As in the paper, every tensor of the State is rescaled; the released MSDNet code rescales only the
+    coarsest scale (the one its classifiers read), which leaves the finer scales' gradients unscaled.
+
+    The stage of each parameter is found once, on the first batch (two samples, eval mode).
+
+    This class follows the :class:`metadyn.core.train.Callback` protocol without subclassing it:
+    ``metadyn.core.train`` imports this module.
+
+    References:
+        Li, Zhang, Qi, Yang & Huang, "Improved Techniques for Training Adaptive Deep Networks", ICCV 2019,
+        Sec. 3.1 (gradient equilibrium) and Fig. 3; code ``kalviny/IMTA``, ``models/msdnet_ge.py``.
+    """
+
+    def __init__(self) -> None:
+        self.scales: list[tuple[nn.Parameter, float]] | None = None
+
+    def setup(self, model, x: Tensor) -> None:
+        k = model.num_exits
+        self.scales = [(p, 1.0 / (k - j)) for j, group in enumerate(_stage_params(model, x)) for p in group
+                       if k - j > 1]
+
+    def on_after_backward(self, state) -> None:
+        if self.scales is None:
+            self.setup(state.model, state.batch[0][:2])
+        with torch.no_grad():
+            for p, s in self.scales:
+                if p.grad is not None:
+                    p.grad.mul_(s)
+
+    def on_train_start(self, state) -> None: ...
+    def on_epoch_start(self, state) -> None: ...
+    def on_batch_end(self, state) -> None: ...
+    def on_epoch_end(self, state) -> None: ...
+
+
+@METHODS.register("imta")
+def imta_loss(tau: float = 3.0, teachers: str = "later", weights: Sequence[float] | None = None,
+              equilibrium: bool = True):
+    """Exit-wise cross-entropy plus self-distillation, trained with gradient equilibrium.
+
+    ``loss = sum_k w_k CE(z_k, y) + L_dist`` (:func:`exitwise_ce`, :func:`distillation_loss`). Unlabeled
+    samples (``y = -1``) enter ``L_dist`` only — the semi-supervised variant. The returned loss has a
+    ``callbacks(model)`` method giving ``[GradientEquilibrium()]`` (``[]`` with ``equilibrium=False``);
+    pass them to :func:`~metadyn.core.train.fit`.
+
+    Not included: IMTA's inline subnetwork collaboration (an architectural change) and its two-step
+    schedule (GE first, then distillation with a frozen trunk); both are trained together here.
+
+    References:
+        Li et al., ICCV 2019 (GE, Sec. 3.1); Phuong & Lampert, ICCV 2019 (``L_dist``, Sec. 3).
+    """
+    if teachers not in ("later", "last"):
+        raise InputError(f"unknown distillation teachers {teachers!r}; choose from: later, last")
+    if not tau > 0:
+        raise InputError(f"distillation tau must be positive, got {tau}")
+
+    def loss(out: ExitOutput, y: Tensor) -> Tensor:
+        return exitwise_ce(out, y, weights) + distillation_loss(out, tau, teachers)
+
+    loss.callbacks = lambda model: [GradientEquilibrium()] if equilibrium else []
+    return loss
+
+
+# --------------------------------------------------------------------------- BYOT / SCAN
+
+
+def byot_distillation(out: ExitOutput, y: Tensor, alpha: float = 0.5, tau: float = 3.0, lam: float = 1e-4) -> Tensor:
+    """``sum_i (1-alpha) CE(q_i, y) + alpha tau^2 KL(q_C^tau || q_i^tau) + lam ||F_i - F_C||^2`` over exits.
+
+    ``q_C``/``F_C`` are the final exit's logits/features, detached (the deepest classifier teaches, as in
+    both released codes); for ``i = C`` only the cross-entropy term remains. ``||F_i - F_C||^2`` is the
+    squared L2 distance per sample, averaged over the batch — so ``F_i`` must have the final exit's
+    feature size (the bottleneck exit branches of :func:`metadyn.core.heads.scan_exits` give it).
+    Unlabeled samples (``y = -1``) enter only the distillation and feature terms.
+
+    References:
+        Zhang et al., "Be Your Own Teacher: Improve the Performance of Convolutional Neural Networks via
+        Self Distillation", ICCV 2019, Sec. 3.2 (Eq. 1-3); Zhang et al., "SCAN: A Scalable Neural Networks
+        Framework Towards Compact and Efficient Models", NeurIPS 2019, Sec. 3.2 (the same loss).
+    """
+    k = out.num_exits
+    teacher, target = out.logits[-1].detach(), out.features[-1].detach()
+    total = (1 - alpha) * labeled_ce(out.logits[-1], y)
+    for i in range(k - 1):
+        total = total + (1 - alpha) * labeled_ce(out.logits[i], y) + alpha * kd_loss(out.logits[i], teacher, tau)
+        if lam:
+            f = out.features[i]
+            if f.shape[1:] != target.shape[1:]:
+                raise InputError(f"byot feature loss: exit {i} features {tuple(f.shape[1:])} differ from the final "
+                                 f"exit's {tuple(target.shape[1:])}; use the 'scan' backbone (bottleneck exit "
+                                 "branches) or lam=0")
+            total = total + lam * (f - target).square().flatten(1).sum(1).mean()
+    return total
+
+
+@METHODS.register("byot")
+def byot_loss(alpha: float = 0.5, tau: float = 3.0, lam: float = 1e-4):
+    """BYOT / SCAN self-distillation (:func:`byot_distillation`). SCAN = this loss on the ``scan`` backbone
+    (attention + bottleneck exit branches) with genetic-algorithm thresholds
+    (:func:`metadyn.core.policies.ga_thresholds`)."""
+    if not 0.0 <= alpha <= 1.0:
+        raise InputError(f"byot alpha must lie in [0, 1], got {alpha}")
+    if not tau > 0:
+        raise InputError(f"byot tau must be positive, got {tau}")
+
+    def loss(out: ExitOutput, y: Tensor) -> Tensor:
+        return byot_distillation(out, y, alpha, tau, lam)
+
+    return loss

@@ -313,3 +313,104 @@ def accuracy_at_budgets(val_logits: Sequence[Tensor], test_logits: Sequence[Tens
         rows.append({"budget_mflops": b / 1e6, **evaluate_policy(test_logits, test_y, policy, costs),
                      "thresholds": t.tolist()})
     return rows
+
+
+# --------------------------------------------------------------------------- genetic threshold search (SCAN)
+
+
+def _population_outcome(scores: Tensor, correct: Tensor, thresholds: Tensor) -> tuple[Tensor, Tensor]:
+    """Exit counts ``(P, K)`` and accuracy ``(P,)`` of ``P`` threshold vectors ``(P, K)`` on ``(K, N)`` scores."""
+    k, n = scores.shape
+    allowed = scores[None] >= thresholds[:, :, None]  # (P, K, N)
+    allowed[:, -1] = True
+    first = allowed.to(torch.uint8).argmax(1)  # (P, N) first allowed exit
+    counts = torch.nn.functional.one_hot(first, k).sum(1)  # (P, K)
+    return counts, correct[first, torch.arange(n)].double().mean(1)
+
+
+def within_budget(counts: Sequence[int], costs: Sequence[float], budget: float) -> bool:
+    """Exactly (in rational arithmetic) whether ``sum_k counts_k costs_k / sum_k counts_k <= budget``."""
+    from fractions import Fraction
+
+    total = sum(Fraction(int(c)) * Fraction(float(v)) for c, v in zip(counts, costs))
+    return total <= Fraction(float(budget)) * sum(int(c) for c in counts)
+
+
+def ga_thresholds(scores: Tensor, correct: Tensor, costs: Sequence[float], budget: float, *, population: int = 64,
+                  generations: int = 100, mutation: float = 0.15, seed: int = 0) -> Tensor:
+    """Per-exit thresholds that maximise accuracy on the fitting split under a mean-cost budget, found by a
+    genetic algorithm.
+
+    Each individual holds one gene ``g_k in [0, 1]`` per early exit: the threshold is the
+    ``floor(g_k (N + 1))``-th smallest fitting score of exit ``k`` (``+inf`` past the largest: nobody leaves
+    there). Fitness is the accuracy when the mean cost is within ``budget``, else minus the cost (so
+    every feasible individual beats every infeasible one). Each generation keeps the two best, fills the
+    rest with uniform crossovers of tournament winners (size 3), and mutates each gene with probability
+    ``1 / (K - 1)`` by Gaussian noise of std ``mutation``. The initial population is uniform at random plus
+    one individual that sends everyone to the first exit, which fits any budget of at least its cost.
+    The result is the most accurate feasible individual seen (ties: the cheaper), so its mean cost on
+    the fitting scores never exceeds ``budget`` (checked exactly, :func:`within_budget`, where rounding
+    could decide). Seeded: the same inputs give the same thresholds.
+
+    Args:
+        scores: ``(K, N)`` exit scores on the fitting (validation) split, higher = more confident.
+        correct: ``(K, N)`` bool: exit ``k`` classifies sample ``n`` correctly.
+        costs: ``(K,)`` cost of leaving at each exit (cumulative, as :class:`~metadyn.core.flops.ExitCosts`).
+        budget: the largest mean cost per sample allowed (same unit as ``costs``).
+
+    Returns:
+        ``(K,)`` float64 thresholds for ``score >= threshold`` (the last is ``-inf``).
+
+    References:
+        Zhang et al., "SCAN: A Scalable Neural Networks Framework Towards Compact and Efficient Models",
+        NeurIPS 2019, Sec. 3.3 (per-exit thresholds searched by a genetic algorithm for an accuracy /
+        acceleration trade-off; the search code was not released, so operators here are standard ones).
+    """
+    k, n = scores.shape
+    costs_t = torch.as_tensor(costs, dtype=torch.float64)
+    if correct.shape != scores.shape or len(costs_t) != k:
+        raise InputError(f"ga_thresholds: scores {tuple(scores.shape)}, correct {tuple(correct.shape)} and "
+                         f"{len(costs_t)} costs do not match")
+    if costs_t[0] > budget:
+        raise InputError(f"budget {budget:g} is below the cheapest achievable expected cost {float(costs_t[0]):g}")
+    if population < 4 or generations < 0:
+        raise InputError(f"ga_thresholds needs population >= 4 and generations >= 0, got {population}, {generations}")
+    if k == 1:
+        return torch.tensor([float("-inf")], dtype=torch.float64)
+    scores = scores.double().cpu()
+    correct = correct.bool().cpu()
+    ladder = torch.cat([scores[:-1].sort(1).values, torch.full((k - 1, 1), float("inf"), dtype=torch.float64)], 1)
+
+    def thresholds(genes: Tensor) -> Tensor:  # (P, K-1) in [0, 1] -> (P, K)
+        idx = (genes * (n + 1)).long().clamp(max=n)  # (P, K-1)
+        t = ladder.gather(1, idx.T).T  # (P, K-1)
+        return torch.cat([t, torch.full((len(genes), 1), float("-inf"), dtype=torch.float64)], 1)
+
+    g = torch.Generator().manual_seed(seed)
+    pop = torch.rand(population, k - 1, generator=g, dtype=torch.float64)
+    pop[0] = 0.0  # everyone leaves at the first exit
+    best_genes, best_key = None, None
+    n_elite = 2
+    for gen in range(generations + 1):
+        counts, acc = _population_outcome(scores, correct, thresholds(pop))
+        cost = counts.double() @ costs_t / n
+        feasible = cost <= budget
+        for i in torch.nonzero((cost - budget).abs() <= 1e-9 * abs(budget)).flatten().tolist():
+            feasible[i] = within_budget(counts[i].tolist(), costs_t.tolist(), budget)  # no rounding at the edge
+        fitness = torch.where(feasible, acc, -cost)
+        for i in torch.nonzero(feasible).flatten().tolist():
+            key = (float(acc[i]), -float(cost[i]))
+            if best_key is None or key > best_key:
+                best_genes, best_key = pop[i].clone(), key
+        if gen == generations:
+            break
+        elite = pop[fitness.argsort(descending=True)[:n_elite]]
+        m = population - n_elite
+        entrants = torch.randint(population, (2 * m, 3), generator=g)  # tournaments of 3
+        winners = entrants[torch.arange(2 * m), fitness[entrants].argmax(1)]
+        a, b = pop[winners[:m]], pop[winners[m:]]
+        child = torch.where(torch.rand(m, k - 1, generator=g) < 0.5, a, b)
+        hit = torch.rand(m, k - 1, generator=g) < 1.0 / (k - 1)
+        child = (child + hit * mutation * torch.randn(m, k - 1, generator=g, dtype=torch.float64)).clamp(0.0, 1.0)
+        pop = torch.cat([elite, child])
+    return thresholds(best_genes[None])[0]

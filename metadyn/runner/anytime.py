@@ -15,7 +15,7 @@ import torch
 
 from metadyn.config import TaskConfig, checked_call
 from metadyn.core.calibration import ece, fit_temperatures, reliability
-from metadyn.core.flops import exit_costs
+from metadyn.core.flops import ExitCosts, exit_costs
 from metadyn.core.inference import collect_logits, dynamic_exit
 from metadyn.core.policies import (
     SCORES,
@@ -93,25 +93,42 @@ def build_method(name: str, options: dict, model, in_shape):
     return checked_call(factory, options, "train.method_options", **fixed)
 
 
-def build(cfg: AnytimeConfig):
-    """Validate and build everything a run needs (data, model, loss, augmentation) without side effects."""
-    from metadyn.data import load_classification
+def check_specs(train: TrainSpec, ev: EvalSpec) -> None:
+    """Reject a bad training or evaluation spec (InputError naming the key) before anything is built."""
     from metadyn.data.augment import AUGMENTS
 
-    if cfg.eval.policy not in SCORES:
-        raise InputError(f"unknown eval.policy {cfg.eval.policy!r}; choose from: {', '.join(SCORES)}")
-    if cfg.train.augment not in AUGMENTS:
-        raise InputError(f"unknown train.augment {cfg.train.augment!r}; choose from: {', '.join(AUGMENTS)}")
+    if ev.policy not in SCORES:
+        raise InputError(f"unknown eval.policy {ev.policy!r}; choose from: {', '.join(SCORES)}")
+    if train.augment not in AUGMENTS:
+        raise InputError(f"unknown train.augment {train.augment!r}; choose from: {', '.join(AUGMENTS)}")
     for key in ("epochs", "batch_size"):
-        if getattr(cfg.train, key) < 1:
-            raise InputError(f"train.{key} must be at least 1, got {getattr(cfg.train, key)}")
-    if not (cfg.train.lr > 0 and math.isfinite(cfg.train.lr)):
-        raise InputError(f"train.lr must be a positive number, got {cfg.train.lr}")
-    data = load_classification(cfg.data.name, root=cfg.data.root, seed=cfg.seed, val_fraction=cfg.data.val_fraction,
-                               calib_fraction=cfg.data.calib_fraction, test_fraction=cfg.data.test_fraction,
-                               **cfg.data.options)
-    model = checked_call(BACKBONES.get(cfg.model.backbone), cfg.model.options, "model.options",
-                         in_shape=data.in_shape, num_classes=data.num_classes)
+        if getattr(train, key) < 1:
+            raise InputError(f"train.{key} must be at least 1, got {getattr(train, key)}")
+    if not (train.lr > 0 and math.isfinite(train.lr)):
+        raise InputError(f"train.lr must be a positive number, got {train.lr}")
+
+
+def load_data(spec: DataSpec, seed: int):
+    """The task's dataset with its seeded train/val/calib/test splits."""
+    from metadyn.data import load_classification
+
+    return load_classification(spec.name, root=spec.root, seed=seed, val_fraction=spec.val_fraction,
+                               calib_fraction=spec.calib_fraction, test_fraction=spec.test_fraction, **spec.options)
+
+
+def build_model(spec: ModelSpec, data, where: str = "model.options"):
+    """The registered backbone ``spec.backbone`` for ``data``'s input shape and classes."""
+    return checked_call(BACKBONES.get(spec.backbone), spec.options, where, in_shape=data.in_shape,
+                        num_classes=data.num_classes)
+
+
+def build(cfg: AnytimeConfig):
+    """Validate and build everything a run needs (data, model, loss, augmentation) without side effects."""
+    from metadyn.data.augment import AUGMENTS
+
+    check_specs(cfg.train, cfg.eval)
+    data = load_data(cfg.data, cfg.seed)
+    model = build_model(cfg.model, data)
     loss = build_method(cfg.train.method, cfg.train.method_options, model, data.in_shape)
     return data, model, loss, AUGMENTS[cfg.train.augment]
 
@@ -123,34 +140,59 @@ def method_callbacks(loss, model) -> list:
     return list(make(model)) if make is not None else []
 
 
+def train(model, loss, data, t: TrainSpec, augment, seed: int, device, checkpoint: Path, progress: bool = True):
+    """Train ``model`` on ``data.train`` with ``loss`` (and the callbacks its method brings); resumable."""
+    return fit(model, data.train, loss=loss, epochs=t.epochs, batch_size=t.batch_size, lr=t.lr,
+               optimizer=t.optimizer, momentum=t.momentum, weight_decay=t.weight_decay, schedule=t.schedule,
+               augment=augment, seed=seed, device=device, callbacks=method_callbacks(loss, model),
+               checkpoint=checkpoint, progress=progress)
+
+
+@dataclass
+class Evaluation:
+    """A trained network's exit logits on val/calib/test, its calib temperatures, FLOPs and per-exit
+    test metrics (``exits``: accuracy, cumulative MFLOPs, ECE before/after temperature scaling, T)."""
+
+    val: list[torch.Tensor]
+    calib: list[torch.Tensor]
+    test: list[torch.Tensor]
+    temperatures: list[float]
+    costs: ExitCosts
+    exits: list[dict]
+
+
+def evaluate(model, data, ev: EvalSpec) -> Evaluation:
+    """Collect every exit's logits (eval mode), fit temperatures on ``calib`` and measure each exit on ``test``."""
+    bs = ev.batch_size
+    val, calib, test = (collect_logits(model, s.x, bs) for s in (data.val, data.calib, data.test))
+    k = len(test)
+    temps = fit_temperatures(calib, data.calib.y) if ev.calibrate else [1.0] * k
+    costs = exit_costs(model, data.in_shape)
+    cum = costs.cumulative
+    acc = anytime_accuracy(test, data.test.y)
+    exits = []
+    for i in range(k):
+        scaled = test[i] / temps[i]
+        exits.append({"exit": i, "accuracy": acc[i], "mflops": cum[i] / 1e6, "ece": ece(test[i], data.test.y,
+                      ev.ece_bins), "ece_calibrated": ece(scaled, data.test.y, ev.ece_bins),
+                      "temperature": temps[i]})
+    return Evaluation(val, calib, test, temps, costs, exits)
+
+
 def run(cfg: AnytimeConfig, out: Path, prepare, progress: bool = True) -> dict:
     seed_everything(cfg.seed)
     device = pick_device(cfg.device)
     data, model, loss, augment = build(cfg)
     prepare()
 
-    t = cfg.train
-    state = fit(model, data.train, loss=loss, epochs=t.epochs, batch_size=t.batch_size, lr=t.lr,
-                optimizer=t.optimizer, momentum=t.momentum, weight_decay=t.weight_decay, schedule=t.schedule,
-                augment=augment, seed=cfg.seed, device=device, callbacks=method_callbacks(loss, model),
-                checkpoint=out / "checkpoint.pt", progress=progress)
+    state = train(model, loss, data, cfg.train, augment, cfg.seed, device, out / "checkpoint.pt", progress)
     model.eval()
 
-    bs = cfg.eval.batch_size
-    val, calib, test = (collect_logits(model, s.x, bs) for s in (data.val, data.calib, data.test))
+    ev = evaluate(model, data, cfg.eval)
+    val, test, temps, costs, exits = ev.val, ev.test, ev.temperatures, ev.costs, ev.exits
     k = len(test)
-    temps = fit_temperatures(calib, data.calib.y) if cfg.eval.calibrate else [1.0] * k
-    costs = exit_costs(model, data.in_shape)
     cum = costs.cumulative
     score = cfg.eval.policy
-
-    acc = anytime_accuracy(test, data.test.y)
-    exits = []
-    for i in range(k):
-        scaled = test[i] / temps[i]
-        exits.append({"exit": i, "accuracy": acc[i], "mflops": cum[i] / 1e6, "ece": ece(test[i], data.test.y,
-                      cfg.eval.ece_bins), "ece_calibrated": ece(scaled, data.test.y, cfg.eval.ece_bins),
-                      "temperature": temps[i]})
 
     # Thresholds are fitted on raw scores, as in MSDNet: they are per-exit quantiles of the validation
     # scores, which a per-exit temperature barely reorders, while a small temperature can saturate the

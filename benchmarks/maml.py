@@ -1,0 +1,169 @@
+"""Second-order MAML meta-steps: metadyn vs learn2learn vs higher, same network, weights and episodes.
+
+Conv-4 (32 channels, per-episode BatchNorm statistics) on 28x28 single-channel glyphs, 5-way 1-shot,
+15 queries per class, meta-batch of 8 episodes, 1 inner step (lr 0.4), second order, the final exit.
+One timed call is one meta-step: the meta-gradient of the whole meta-batch accumulated into ``.grad``,
+each library used as its documentation shows (learn2learn ``MAML.clone()/adapt()`` and higher's
+``innerloop_ctx(copy_initial_weights=False)``, one backward per episode). The three meta-gradients are
+compared (``max_rel_diff``) before timing.
+
+Keys: ``tasks_per_s`` and ``peak_mb`` per method, ``speedup_vs_learn2learn``, ``speedup_vs_higher``,
+``device``; ``learn2learn_channels_last`` is learn2learn on a channels-last copy of the inputs and
+weights, to show how much of metadyn's speed comes from the memory layout alone.
+
+``peak_mb`` is the peak of the tensor memory a meta-step allocates (inputs and weights excluded): on
+CUDA ``torch.cuda.max_memory_allocated``; on the CPU a dispatch-mode tracker that adds every new
+tensor storage and subtracts it when freed (``tracemalloc`` cannot be used: it sees only Python's
+allocator, not torch's).
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+import weakref
+
+import torch
+import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+from benchmarks._timing import sync, time_interleaved
+from metadyn.core.backbones.conv4 import conv4_exits
+from metadyn.core.train import pick_device
+from metadyn.data import ClassPool, EpisodeSampler
+from metadyn.meta import MetaLearner, to_channels_last
+
+
+class TensorPeak(TorchDispatchMode):
+    """Peak bytes of the tensor storages created inside the context and alive at the same time (views
+    of tensors made outside, such as the inputs, count nothing)."""
+
+    def __init__(self):
+        super().__init__()
+        self.current = self.peak = 0
+        self._live: dict[int, weakref.finalize] = {}
+
+    def _free(self, key: int, n: int) -> None:
+        self.current -= n
+        self._live.pop(key, None)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        flat = tree_flatten((args, kwargs))[0]
+        inputs = {a.untyped_storage().data_ptr() for a in flat if isinstance(a, torch.Tensor)}
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor):
+                st = t.untyped_storage()
+                key, n = st.data_ptr(), st.nbytes()
+                if n and key not in self._live and key not in inputs:  # a view allocates nothing
+                    self._live[key] = weakref.finalize(st, self._free, key, n)
+                    self.current += n
+                    self.peak = max(self.peak, self.current)
+        return out
+
+
+def peak_mb(fn, device: torch.device) -> float:
+    if device.type == "cuda":
+        sync(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        fn()
+        sync(device)
+        return (torch.cuda.max_memory_allocated(device) - base) / 2**20
+    tracker = TensorPeak()
+    with tracker:
+        fn()
+    return tracker.peak / 2**20
+
+
+class _Final(torch.nn.Module):
+    """The final exit as a plain module (how the peers see the network)."""
+
+    def __init__(self, net):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x):
+        return self.net.forward_final(x)
+
+
+def run(quick: bool = False, meta_batch: int = 8, width: int = 32, inner_lr: float = 0.4, repeats: int | None = None,
+        device: str = "auto", threads: int | None = None, seed: int = 0) -> dict:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        import higher
+        import learn2learn as l2l
+    if threads is not None:
+        torch.set_num_threads(int(threads))
+    dev = pick_device(device)
+    torch.manual_seed(seed)
+    pool = ClassPool.from_glyphs("train", samples_per_class=16 + 4)
+    batch = [b.to(dev) for b in EpisodeSampler(pool, 5, 1, 15, seed=seed).batch(0, meta_batch)]
+    sx, sy, qx, qy = batch
+    t = meta_batch
+    net = conv4_exits((1, 28, 28), 5, width=width, norm="batch_episodic").to(dev)
+    model = _Final(net)
+
+    learner = MetaLearner(net, "maml", inner_lr=inner_lr, inner_steps=1, exits=[net.num_exits - 1])
+
+    def metadyn_step():
+        learner.zero_grad(set_to_none=True)
+        learner(batch).backward()
+
+    maml = l2l.algorithms.MAML(model, lr=inner_lr, first_order=False, allow_unused=True)
+
+    def l2l_step(m=maml, xs=(sx, qx)):
+        m.zero_grad(set_to_none=True)
+        for i in range(t):
+            clone = m.clone()
+            clone.adapt(F.cross_entropy(clone(xs[0][i]), sy[i]))
+            (F.cross_entropy(clone(xs[1][i]), qy[i]) / t).backward()
+
+    cl_model = copy.deepcopy(model).to(memory_format=torch.channels_last)
+    cl_maml = l2l.algorithms.MAML(cl_model, lr=inner_lr, first_order=False, allow_unused=True)
+    cl_x = ([to_channels_last(x) for x in sx], [to_channels_last(x) for x in qx])
+
+    def l2l_cl_step():
+        l2l_step(cl_maml, cl_x)
+
+    inner_opt = torch.optim.SGD(model.parameters(), lr=inner_lr)
+
+    def higher_step():
+        model.zero_grad(set_to_none=True)
+        for i in range(t):
+            with higher.innerloop_ctx(model, inner_opt, copy_initial_weights=False) as (fmodel, diffopt):
+                diffopt.step(F.cross_entropy(fmodel(sx[i]), sy[i]))
+                (F.cross_entropy(fmodel(qx[i]), qy[i]) / t).backward()
+
+    def grads(m):
+        return torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten() for p in m.parameters()])
+
+    metadyn_step()
+    ref = grads(net)
+    diffs = {}
+    for name, step, m in (("learn2learn", l2l_step, model), ("higher", higher_step, model),
+                          ("learn2learn_channels_last", l2l_cl_step, cl_model)):
+        step()
+        diffs[name] = float((grads(m) - ref).norm() / ref.norm())
+
+    fns = {"metadyn": metadyn_step, "learn2learn": l2l_step, "higher": higher_step,
+           "learn2learn_channels_last": l2l_cl_step}
+    times = time_interleaved(fns, dev, repeats=repeats or (3 if quick else 9), warmup=1 if quick else 2)
+    tps = {k: t / v for k, v in times.items()}
+    peaks = {k: peak_mb(f, dev) for k, f in fns.items()}
+    return {
+        "benchmark": "maml",
+        "setup": f"conv4 width {width}, 28x28x1 glyphs, 5-way 1-shot, 15 queries/class, meta-batch {meta_batch}, "
+                 "1 inner step, second order, final exit",
+        "tasks_per_s": tps,
+        "speedup_vs_learn2learn": tps["metadyn"] / tps["learn2learn"],
+        "speedup_vs_higher": tps["metadyn"] / tps["higher"],
+        "speedup_vs_learn2learn_channels_last": tps["metadyn"] / tps["learn2learn_channels_last"],
+        "peak_mb": peaks,
+        "max_rel_diff": diffs,
+        "median_ms": {k: 1e3 * v for k, v in times.items()},
+        "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+    }
