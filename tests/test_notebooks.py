@@ -1,6 +1,5 @@
 """Execute every notebook in notebooks/ with small settings (METADYN_QUICK=1), as CI does."""
 
-import os
 from pathlib import Path
 
 import pytest
