@@ -1,5 +1,13 @@
-import pytest
-import torch
+import os
+
+# Tiny models gain nothing from intra-op threads, and on a loaded 2-core machine torch's spinning
+# threads slow them down many times over; subprocesses (notebook kernels, torchrun) inherit this.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 
 @pytest.fixture(autouse=True)

@@ -16,6 +16,7 @@ from torch import Tensor, nn
 from torch.utils._pytree import tree_leaves, tree_map
 
 from metadyn.core.outputs import ExitOutput
+from metadyn.core.train import Callback
 from metadyn.errors import InputError
 from metadyn.registry import METHODS
 
@@ -122,7 +123,7 @@ def _stage_params(model, x: Tensor) -> list[list[nn.Parameter]]:
     return groups
 
 
-class GradientEquilibrium:
+class GradientEquilibrium(Callback):
     """Gradient equilibrium (GE) as a training callback for :func:`metadyn.core.train.fit`.
 
     GE rescales gradients where exit ``i`` (1-based, ``K`` exits) branches off the trunk: the gradient from
@@ -139,9 +140,6 @@ class GradientEquilibrium:
     coarsest scale (the one its classifiers read), which leaves the finer scales' gradients unscaled.
 
     The stage of each parameter is found once, on the first batch (two samples, eval mode).
-
-    This class follows the :class:`metadyn.core.train.Callback` protocol without subclassing it:
-    ``metadyn.core.train`` imports this module.
 
     References:
         Li, Zhang, Qi, Yang & Huang, "Improved Techniques for Training Adaptive Deep Networks", ICCV 2019,
@@ -164,10 +162,6 @@ class GradientEquilibrium:
                 if p.grad is not None:
                     p.grad.mul_(s)
 
-    def on_train_start(self, state) -> None: ...
-    def on_epoch_start(self, state) -> None: ...
-    def on_batch_end(self, state) -> None: ...
-    def on_epoch_end(self, state) -> None: ...
 
 
 @METHODS.register("imta")
@@ -207,7 +201,7 @@ def byot_distillation(out: ExitOutput, y: Tensor, alpha: float = 0.5, tau: float
     ``q_C``/``F_C`` are the final exit's logits/features, detached (the deepest classifier teaches, as in
     both released codes); for ``i = C`` only the cross-entropy term remains. ``||F_i - F_C||^2`` is the
     squared L2 distance per sample, averaged over the batch — so ``F_i`` must have the final exit's
-    feature size (the bottleneck exit branches of :func:`metadyn.core.heads.scan_exits` give it).
+    feature size (the bottleneck exit branches of :func:`metadyn.core.backbones.scan.scan_exits` give it).
     Unlabeled samples (``y = -1``) enter only the distillation and feature terms.
 
     References:

@@ -20,7 +20,6 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from metadyn.core.losses import ce_loss
 from metadyn.errors import InputError, NonFiniteLossError
 
 
@@ -172,7 +171,11 @@ def fit(
     Raises:
         NonFiniteLossError: the loss became NaN or infinite; the last good checkpoint is kept.
     """
-    loss_fn = loss or ce_loss()
+    if loss is None:
+        from metadyn.core.losses import ce_loss  # losses.py imports this module (its callbacks are Callbacks)
+
+        loss = ce_loss()
+    loss_fn = loss
     dev = pick_device(device)
     model.to(dev)
     # A loss may carry parameters of its own (an nn.Module: projection heads, attention modules); they

@@ -24,7 +24,7 @@ from metadyn.core.train import fit, pick_device, seed_everything
 from metadyn.errors import InputError
 from metadyn.registry import BACKBONES, TASK_KINDS
 from metadyn.runner import TaskKind, atomic_write_text
-from metadyn.runner.anytime import DataSpec, ModelSpec, TrainSpec, build_method
+from metadyn.runner.anytime import DataSpec, ModelSpec, TrainSpec, build_method, method_callbacks
 from metadyn.runner.report import markdown_table
 
 
@@ -109,6 +109,7 @@ def run(cfg: LabelScarceConfig, out: Path, prepare, progress: bool = True) -> di
                 fit(model, (data.train.x, y), loss=loss, epochs=t.epochs, batch_size=t.batch_size, lr=t.lr,
                     optimizer=t.optimizer, momentum=t.momentum, weight_decay=t.weight_decay, schedule=t.schedule,
                     augment=AUGMENTS[t.augment], seed=seed, device=device, progress=progress,
+                    callbacks=method_callbacks(loss, model),
                     checkpoint=out / "checkpoints" / f"labels{k}_seed{seed}_method{j}.pt")  # resumable
                 logits = collect_logits(model, data.test.x)
                 acc.setdefault((k, label), []).append(anytime_accuracy(logits, data.test.y))
