@@ -65,8 +65,8 @@ plt.ylabel("test accuracy (%)")
 plt.title("5 labels per class (one seed; see tasks/labelscarce_*.yaml for 3 seeds)")
 plt.legend()
 plt.show()"""),
-    new_markdown_cell("""The full experiment — 1, 5, 10 and 100 labels per class, three seeds, BYOL-, SimSiam- and L2-style
-against CE only — is `metadyn run tasks/labelscarce_digits.yaml` (and `_glyphs`); its `report.md` gives
+    new_markdown_cell("""The full experiment — 1, 5, 10 and 100 labels per class, three seeds, BYOL-, SimSiam- and
+L2-style against CE only — is `metadyn run tasks/labelscarce_digits.yaml` (and `_glyphs`); its `report.md` gives
 mean ± std per exit."""),
 ]
 
