@@ -1,0 +1,35 @@
+import json
+from pathlib import Path
+
+import torch
+
+from metadyn.cli import main
+from metadyn.runner.labelscarce import keep_labels
+
+TASK = Path(__file__).resolve().parents[2] / "tasks" / "labelscarce_digits.yaml"
+TINY = ["--no-progress", "--set", "train.epochs=1", "--set", "model.options={depth: 8, exits: [1, 2, 3], width: 4}"]
+
+
+def test_keep_labels_keeps_k_per_class():
+    y = torch.arange(10).repeat(7)
+    kept = keep_labels(y, 3, seed=1)
+    assert torch.equal(torch.bincount(kept[kept >= 0], minlength=10), torch.full((10,), 3))
+    assert torch.equal(kept[kept >= 0], y[kept >= 0])
+    assert torch.equal(kept, keep_labels(y, 3, seed=1)) and not torch.equal(kept, keep_labels(y, 3, seed=2))
+
+
+def test_labelscarce_quick_run(tmp_path):
+    out = tmp_path / "ls"
+    assert main(["run", str(TASK), "--quick", "--out", str(out), *TINY]) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    methods = {r["method"] for r in m["extra"]["results"]}
+    assert {"CE only", "self-distillation", "BYOL-style", "SimSiam-style", "feature L2"} == methods
+    assert all(len(r["runs"]) == 1 and len(r["accuracy_mean"]) == 3 for r in m["extra"]["results"])
+    assert "## 5 labels per class" in (out / "report.md").read_text()
+    assert (out / "accuracy_vs_labels.png").exists()
+
+
+def test_simsiam_without_augmentation_is_refused(tmp_path, capsys):
+    code = main(["run", str(TASK), "--quick", "--out", str(tmp_path / "x"), *TINY, "--set", "train.augment=none"])
+    assert code == 2 and "simsiam" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
