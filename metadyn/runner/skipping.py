@@ -385,7 +385,7 @@ block, plus every sample's stem, head and {'gates' if skipnet else 'policy netwo
 {main_table}
 
 Against the always-on network: test accuracy {100 * c['accuracy']:.2f}% vs {100 * a['accuracy']:.2f}%
-({-drop:+.2f} points) at {100 * c['mflops'] / full:.0f}% of its FLOPs — this {verdict} the bar of at most 1 point
+({0.0 - drop:+.2f} points) at {100 * c['mflops'] / full:.0f}% of its FLOPs — this {verdict} the bar of at most 1 point
 lost at fewer FLOPs.
 
 ## Accuracy vs FLOPs over {knob}
