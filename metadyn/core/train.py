@@ -190,7 +190,7 @@ def fit(
     n = len(data.x if hasattr(data, "x") else data[0]) if not callable(data) else None
     steps_per_epoch = math.ceil(n / batch_size) if n else None
     if schedule == "cosine" and steps_per_epoch:
-        total = epochs * steps_per_epoch
+        total = max(1, epochs * steps_per_epoch)  # epochs=0 (nothing to train) must not divide by zero
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total) / total)))
     elif schedule in ("constant", "cosine"):
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)

@@ -113,3 +113,11 @@ def test_a_loss_with_parameters_is_trained_and_checkpointed(tmp_path):
         checkpoint=ck)
     assert loss.log_scale.item() != 0.0
     assert torch.equal(load_checkpoint(ck)["loss"]["log_scale"], loss.log_scale.detach())
+
+
+def test_zero_epochs_trains_nothing():
+    x, y = _data()
+    m = tiny_mlp_exits(num_classes=4)
+    before = _params(m).clone()
+    state = fit(m, (x, y), epochs=0, device="cpu", progress=False)
+    assert state.history == [] and torch.equal(_params(m), before)
