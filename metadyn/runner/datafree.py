@@ -346,7 +346,7 @@ def _verdict(per_seed: list[dict], conditions: list[str]) -> list[str]:
             if "real" in conditions:
                 g = [s["conditions"]["real"]["test"][i] - s["conditions"][name]["test"][i] for s in per_seed]
                 gm, gsd = _mean_std(g)
-                line += f", {100 * gm:.1f} ± {100 * gsd:.1f} points below real data"
+                line += f"; real data is ahead by {100 * gm:+.1f} ± {100 * gsd:.1f} points"
             lines.append(line + ".")
     return lines
 
@@ -393,7 +393,7 @@ def report(cfg: DatafreeConfig, m: dict) -> str:
     s = cfg.impressions.synth
     return f"""# {cfg.task}
 
-Data-free conversion on `{cfg.data.name}` {cfg.data.options or ''}: seeds {e['seeds']}, device `{m['device']}`,
+Data-free conversion on `{cfg.data.name}` {cfg.data.options or ''} — seeds {e['seeds']}, device `{m['device']}`,
 splits {e['per_seed'][0]['splits']}. Teacher: static CNN, widths {cfg.teacher.widths}, {cfg.teacher.convs} convs per
 stage, trained for {cfg.teacher.train.epochs} epochs on `train`: test accuracy {100 * tm:.2f} ± {100 * tsd:.2f}%.
 Exits after {cfg.exits.at} (head conv channels {cfg.exits.head_conv}) are trained with the teacher frozen, by
@@ -412,6 +412,9 @@ uniform samples in {s.bounds}. Mean ± standard deviation over the seeds; the st
 {verdict}
 
 ## Budgeted test accuracy (%): {cfg.eval.policy} thresholds fitted on `val` for a share of the static FLOPs
+
+The thresholds are fitted on the real `val` split for every condition (a deployment without any data would
+have to fit them on impressions; not done here). "—": the budget is below the first exit's cost.
 
 {markdown_table(budget_rows, bcols)}
 

@@ -56,3 +56,15 @@ def test_bad_input_is_refused_before_the_folder_is_made(tmp_path, bad):
     with pytest.raises(InputError):
         run_task(TASK, [*TINY, bad], quick=True, out=out, progress=False)
     assert not out.exists()
+
+
+def test_student_condition_distils_a_smaller_multi_exit_network(tmp_path):
+    over = [*TINY, "repeats=1", "conditions=[noise]", "student.backbone=conv4", "student.options={width: 8}"]
+    out, m = run_task(TASK, over, quick=True, out=tmp_path / "run", progress=False)
+    e = m["extra"]
+    assert e["condition_names"] == ["noise", "student"]
+    student = e["conditions"]["student"]["exits"]
+    assert len(student) == 4  # conv4: its own four exits, none of them the teacher
+    assert student[-1]["mflops"] < e["conditions"]["noise"]["exits"][-1]["mflops"]
+    assert "Student (its own exits and MFLOPs)" in (out / "report.md").read_text()
+    assert (out / "checkpoints" / "seed0_impressions_data.pt").is_file()  # the student's transfer set
