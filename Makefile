@@ -1,18 +1,21 @@
 # make run  -> install, then run the embedded default task
 # make test -> install, then the test suite
+# install = .venv + metadyn (editable) with the dev, vision and peers extras, and learn2learn 0.2.0
+# (scripts/install_peers.sh: its PyPI sdist needs re-cythonising on Python 3.11)
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.metadyn-installed
-EXTRAS ?= dev,vision
+EXTRAS ?= dev,vision,peers
 
-.PHONY: install run test lint bench peers clean
+.PHONY: install run test lint bench clean
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml scripts/install_peers.sh
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet -e '.[$(EXTRAS)]'
+	scripts/install_peers.sh $(PY)
 	@touch $(STAMP)
 
 run: install
@@ -25,7 +28,7 @@ lint: install
 	$(VENV)/bin/ruff check metadyn tests benchmarks
 
 bench: install
-	$(VENV)/bin/metadyn bench inference --json runs/bench_inference.json
+	for b in inference skipping maml impressions; do $(VENV)/bin/metadyn bench $$b --json runs/bench_$$b.json; done
 
 clean:
 	rm -rf runs .pytest_cache .ruff_cache
