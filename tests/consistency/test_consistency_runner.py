@@ -23,7 +23,8 @@ def test_labelscarce_quick_run(tmp_path):
     assert main(["run", str(TASK), "--quick", "--out", str(out), *TINY]) == 0
     m = json.loads((out / "metrics.json").read_text())
     methods = {r["method"] for r in m["extra"]["results"]}
-    assert {"CE only", "self-distillation", "BYOL-style", "SimSiam-style", "feature L2"} == methods
+    assert {"CE only", "self-distillation", "BYOL-style", "SimSiam-style", "two views without consistency",
+            "feature L2"} == methods
     assert all(len(r["runs"]) == 1 and len(r["accuracy_mean"]) == 3 for r in m["extra"]["results"])
     assert "## 5 labels per class" in (out / "report.md").read_text()
     assert (out / "accuracy_vs_labels.png").exists()
