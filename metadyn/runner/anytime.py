@@ -34,6 +34,8 @@ from metadyn.runner import TaskKind, atomic_write_text
 from metadyn.runner.report import markdown_table, plot_accuracy_vs_mflops, plot_exit_histogram, plot_reliability
 
 BUDGET_FRACTIONS = (0.25, 0.5, 0.75)
+OPTIMIZERS = ("sgd", "adam", "adamw")
+SCHEDULES = ("cosine", "constant")
 
 
 @dataclass
@@ -53,9 +55,9 @@ class ModelSpec:
 
 
 @dataclass
-class TrainSpec:
-    method: str = "ce"
-    method_options: dict = field(default_factory=dict)
+class FitSpec:
+    """Arguments of the core ``fit`` for one training stage (task kinds subclass it to change defaults)."""
+
     epochs: int = 30
     batch_size: int = 64
     lr: float = 0.05
@@ -64,6 +66,39 @@ class TrainSpec:
     weight_decay: float = 5e-4
     schedule: str = "cosine"
     augment: str = "none"
+
+    def check(self, where: str = "train", min_epochs: int = 1) -> None:
+        """InputError naming ``where.<key>`` for a value ``fit`` cannot take."""
+        from metadyn.data.augment import AUGMENTS
+
+        if self.epochs < min_epochs:
+            raise InputError(f"{where}.epochs must be at least {min_epochs}, got {self.epochs}")
+        if self.batch_size < 1:
+            raise InputError(f"{where}.batch_size must be at least 1, got {self.batch_size}")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise InputError(f"{where}.lr must be a positive number, got {self.lr}")
+        if not (self.weight_decay >= 0 and math.isfinite(self.weight_decay)):
+            raise InputError(f"{where}.weight_decay must be a non-negative number, got {self.weight_decay}")
+        for key, value, choices in (("optimizer", self.optimizer, OPTIMIZERS), ("schedule", self.schedule, SCHEDULES),
+                                    ("augment", self.augment, tuple(AUGMENTS))):
+            if value not in choices:
+                raise InputError(f"unknown {where}.{key} {value!r}; choose from: {', '.join(choices)}")
+
+    def fit_kwargs(self) -> dict:
+        """These settings as keyword arguments of :func:`metadyn.core.train.fit`."""
+        from metadyn.data.augment import AUGMENTS
+
+        return {"epochs": self.epochs, "batch_size": self.batch_size, "lr": self.lr, "optimizer": self.optimizer,
+                "momentum": self.momentum, "weight_decay": self.weight_decay, "schedule": self.schedule,
+                "augment": AUGMENTS[self.augment]}
+
+
+@dataclass
+class TrainSpec(FitSpec):
+    """A fit stage with the method (a METHODS loss and its options) it trains."""
+
+    method: str = "ce"
+    method_options: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -95,17 +130,9 @@ def build_method(name: str, options: dict, model, in_shape):
 
 def check_specs(train: TrainSpec, ev: EvalSpec) -> None:
     """Reject a bad training or evaluation spec (InputError naming the key) before anything is built."""
-    from metadyn.data.augment import AUGMENTS
-
     if ev.policy not in SCORES:
         raise InputError(f"unknown eval.policy {ev.policy!r}; choose from: {', '.join(SCORES)}")
-    if train.augment not in AUGMENTS:
-        raise InputError(f"unknown train.augment {train.augment!r}; choose from: {', '.join(AUGMENTS)}")
-    for key in ("epochs", "batch_size"):
-        if getattr(train, key) < 1:
-            raise InputError(f"train.{key} must be at least 1, got {getattr(train, key)}")
-    if not (train.lr > 0 and math.isfinite(train.lr)):
-        raise InputError(f"train.lr must be a positive number, got {train.lr}")
+    train.check("train")
 
 
 def load_data(spec: DataSpec, seed: int):
@@ -142,10 +169,8 @@ def method_callbacks(loss, model) -> list:
 
 def train(model, loss, data, t: TrainSpec, augment, seed: int, device, checkpoint: Path, progress: bool = True):
     """Train ``model`` on ``data.train`` with ``loss`` (and the callbacks its method brings); resumable."""
-    return fit(model, data.train, loss=loss, epochs=t.epochs, batch_size=t.batch_size, lr=t.lr,
-               optimizer=t.optimizer, momentum=t.momentum, weight_decay=t.weight_decay, schedule=t.schedule,
-               augment=augment, seed=seed, device=device, callbacks=method_callbacks(loss, model),
-               checkpoint=checkpoint, progress=progress)
+    return fit(model, data.train, loss=loss, **{**t.fit_kwargs(), "augment": augment}, seed=seed, device=device,
+               callbacks=method_callbacks(loss, model), checkpoint=checkpoint, progress=progress)
 
 
 @dataclass

@@ -48,6 +48,7 @@ from metadyn.errors import InputError
 from metadyn.registry import BACKBONES, TASK_KINDS
 from metadyn.runner import TaskKind, atomic_write_text
 from metadyn.runner.anytime import BUDGET_FRACTIONS, DataSpec
+from metadyn.runner.anytime import FitSpec as BaseFitSpec
 from metadyn.runner.report import markdown_table, pyplot
 
 CONDITIONS = ("real", "impressions", "impressions_bn", "noise", "untrained")
@@ -62,17 +63,12 @@ DESCRIPTIONS = {
 
 
 @dataclass
-class FitSpec:
-    """Arguments of the core ``fit`` for one training stage."""
+class FitSpec(BaseFitSpec):
+    """Arguments of the core ``fit`` for one training stage (Adam defaults)."""
 
-    epochs: int = 30
-    batch_size: int = 64
     lr: float = 0.01
     optimizer: str = "adam"
-    momentum: float = 0.9
     weight_decay: float = 0.0
-    schedule: str = "cosine"
-    augment: str = "none"
 
 
 @dataclass
@@ -130,30 +126,6 @@ class DatafreeConfig(TaskConfig):
 # --------------------------------------------------------------------------- building and checking
 
 
-def _check_fit(spec: FitSpec, where: str) -> None:
-    from metadyn.data.augment import AUGMENTS
-
-    if spec.epochs < 1 or spec.batch_size < 1:
-        raise InputError(f"{where}.epochs and {where}.batch_size must be at least 1, "
-                         f"got {spec.epochs} and {spec.batch_size}")
-    if not (spec.lr > 0 and math.isfinite(spec.lr)):
-        raise InputError(f"{where}.lr must be a positive number, got {spec.lr}")
-    if spec.optimizer not in ("sgd", "adam", "adamw"):
-        raise InputError(f"unknown {where}.optimizer {spec.optimizer!r}; choose from: sgd, adam, adamw")
-    if spec.schedule not in ("cosine", "constant"):
-        raise InputError(f"unknown {where}.schedule {spec.schedule!r}; choose from: cosine, constant")
-    if spec.augment not in AUGMENTS:
-        raise InputError(f"unknown {where}.augment {spec.augment!r}; choose from: {', '.join(AUGMENTS)}")
-
-
-def _fit_kwargs(spec: FitSpec) -> dict:
-    from metadyn.data.augment import AUGMENTS
-
-    return {"epochs": spec.epochs, "batch_size": spec.batch_size, "lr": spec.lr, "optimizer": spec.optimizer,
-            "momentum": spec.momentum, "weight_decay": spec.weight_decay, "schedule": spec.schedule,
-            "augment": AUGMENTS[spec.augment]}
-
-
 def _conditions(cfg: DatafreeConfig) -> list[str]:
     names = list(cfg.conditions)
     for c in names:
@@ -188,8 +160,8 @@ def build(cfg: DatafreeConfig) -> list[str]:
     if cfg.repeats < 1:
         raise InputError(f"repeats must be at least 1, got {cfg.repeats}")
     conditions = _conditions(cfg)
-    _check_fit(cfg.teacher.train, "teacher.train")
-    _check_fit(cfg.exits.train, "exits.train")
+    cfg.teacher.train.check("teacher.train")
+    cfg.exits.train.check("exits.train")
     if not (cfg.exits.tau > 0 and math.isfinite(cfg.exits.tau)):
         raise InputError(f"exits.tau must be a positive number, got {cfg.exits.tau}")
     if cfg.exits.head_conv < 0:
@@ -250,7 +222,7 @@ def _run_seed(cfg: DatafreeConfig, seed: int, conditions: list[str], out: Path, 
     ck = out / "checkpoints"
     teacher = static_cnn(data.in_shape, data.num_classes, cfg.teacher.widths, cfg.teacher.convs)
     fit(teacher, data.train, loss=labeled_ce, seed=seed, device=device, checkpoint=ck / f"seed{seed}_teacher.pt",
-        progress=progress, **_fit_kwargs(cfg.teacher.train))
+        progress=progress, **cfg.teacher.train.fit_kwargs())
     teacher.eval()
     teacher_test = float((teacher_logits(teacher, data.test.x).argmax(-1) == data.test.y).double().mean())
 
@@ -273,7 +245,7 @@ def _run_seed(cfg: DatafreeConfig, seed: int, conditions: list[str], out: Path, 
     for name in conditions:
         torch.manual_seed(seed * 1009 + 1)  # the same head initialisation for every condition of a seed
         fit_kw = {"seed": seed, "device": device, "checkpoint": ck / f"seed{seed}_{name}_exits.pt",
-                  "progress": progress, **_fit_kwargs(cfg.exits.train)}
+                  "progress": progress, **cfg.exits.train.fit_kwargs()}
         if name == "student":  # the teacher's outputs are precomputed: no augmentation
             net = _student(cfg, data)
             distill_student(net, teacher, transfer[name], tau=cfg.exits.tau, **{**fit_kw, "augment": None})

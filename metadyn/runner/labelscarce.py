@@ -69,11 +69,8 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
 
 def run(cfg: LabelScarceConfig, out: Path, prepare, progress: bool = True) -> dict:
     from metadyn.data import load_classification
-    from metadyn.data.augment import AUGMENTS
-
     device = pick_device(cfg.device)
-    if cfg.train.augment not in AUGMENTS:
-        raise InputError(f"unknown train.augment {cfg.train.augment!r}; choose from: {', '.join(AUGMENTS)}")
+    cfg.train.check("train")
     if not cfg.labels_per_class or any(k < 1 for k in cfg.labels_per_class):
         raise InputError(f"labels_per_class must be positive integers, got {cfg.labels_per_class}")
     if not cfg.seeds or not cfg.methods:
@@ -106,9 +103,7 @@ def run(cfg: LabelScarceConfig, out: Path, prepare, progress: bool = True) -> di
                 seed_everything(seed)
                 model = make_model()
                 loss = build_method(m.name, m.options, model, data.in_shape)
-                fit(model, (data.train.x, y), loss=loss, epochs=t.epochs, batch_size=t.batch_size, lr=t.lr,
-                    optimizer=t.optimizer, momentum=t.momentum, weight_decay=t.weight_decay, schedule=t.schedule,
-                    augment=AUGMENTS[t.augment], seed=seed, device=device, progress=progress,
+                fit(model, (data.train.x, y), loss=loss, **t.fit_kwargs(), seed=seed, device=device, progress=progress,
                     callbacks=method_callbacks(loss, model),
                     checkpoint=out / "checkpoints" / f"labels{k}_seed{seed}_method{j}.pt")  # resumable
                 logits = collect_logits(model, data.test.x)

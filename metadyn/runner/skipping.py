@@ -43,30 +43,23 @@ from metadyn.core.gates import (
 )
 from metadyn.core.inference import collect_logits
 from metadyn.core.train import fit, pick_device, save_checkpoint, seed_everything
-from metadyn.data.augment import AUGMENTS
 from metadyn.errors import InputError
 from metadyn.registry import METHODS, TASK_KINDS
 from metadyn.runner import TaskKind, atomic_write_text
-from metadyn.runner.anytime import DataSpec, TrainSpec
+from metadyn.runner.anytime import DataSpec, FitSpec, TrainSpec
 from metadyn.runner.report import markdown_table
 
-OPTIMIZERS = ("sgd", "adam", "adamw")
-SCHEDULES = ("cosine", "constant")
 TOP_POLICIES = 10
 
 
 @dataclass
-class StageSpec:
-    """One training stage of a gated network (``fit`` arguments)."""
+class StageSpec(FitSpec):
+    """One training stage of a gated network (``fit`` arguments, Adam defaults)."""
 
     epochs: int = 10
-    batch_size: int = 64
     lr: float = 1e-3
     optimizer: str = "adam"
-    momentum: float = 0.9
     weight_decay: float = 0.0
-    schedule: str = "cosine"
-    augment: str = "none"
 
 
 @dataclass
@@ -122,19 +115,6 @@ def _check_positive(value, key: str, allow_zero: bool = False) -> None:
         raise InputError(f"{key} must be a {'non-negative' if allow_zero else 'positive'} number, got {value}")
 
 
-def _check_stage(s: StageSpec | TrainSpec, key: str, min_epochs: int = 1) -> None:
-    if s.epochs < min_epochs:
-        raise InputError(f"{key}.epochs must be at least {min_epochs}, got {s.epochs}")
-    if s.batch_size < 1:
-        raise InputError(f"{key}.batch_size must be at least 1, got {s.batch_size}")
-    _check_positive(s.lr, f"{key}.lr")
-    _check_positive(s.weight_decay, f"{key}.weight_decay", allow_zero=True)
-    for name, value, choices in (("optimizer", s.optimizer, OPTIMIZERS), ("schedule", s.schedule, SCHEDULES),
-                                 ("augment", s.augment, tuple(AUGMENTS))):
-        if value not in choices:
-            raise InputError(f"unknown {key}.{name} {value!r}; choose from: {', '.join(choices)}")
-
-
 def _check_sweep(values: Sequence[float], key: str) -> None:
     if not values:
         raise InputError(f"{key} must list at least one value")
@@ -148,7 +128,7 @@ def _build(cfg: SkipNetConfig | BlockDropConfig):
     """Validate the config and load data, build the always-on ResNet and its loss (no side effects)."""
     from metadyn.data import load_classification
 
-    _check_stage(cfg.pretrain, "pretrain")
+    cfg.pretrain.check("pretrain")
     _check_positive(cfg.max_val_drop, "max_val_drop", allow_zero=True)
     if cfg.eval_batch_size < 1:
         raise InputError(f"eval_batch_size must be at least 1, got {cfg.eval_batch_size}")
@@ -168,10 +148,8 @@ def _build(cfg: SkipNetConfig | BlockDropConfig):
 
 def _fit(model, data, loss, spec: StageSpec | TrainSpec, seed: int, device, checkpoint: Path, progress: bool,
          callbacks=()):
-    return fit(model, data.train, loss=loss, epochs=spec.epochs, batch_size=spec.batch_size, lr=spec.lr,
-               optimizer=spec.optimizer, momentum=spec.momentum, weight_decay=spec.weight_decay,
-               schedule=spec.schedule, augment=AUGMENTS[spec.augment], seed=seed, device=device,
-               callbacks=callbacks, checkpoint=checkpoint, progress=progress)
+    return fit(model, data.train, loss=loss, **spec.fit_kwargs(), seed=seed, device=device, callbacks=callbacks,
+               checkpoint=checkpoint, progress=progress)
 
 
 # --------------------------------------------------------------------------- evaluation
@@ -234,8 +212,8 @@ def run_skipnet(cfg: SkipNetConfig, out: Path, prepare, progress: bool = True) -
     seed_everything(cfg.seed)
     device = pick_device(cfg.device)
     data, backbone, pre_loss = _build(cfg)
-    _check_stage(cfg.supervised, "supervised")
-    _check_stage(cfg.hybrid, "hybrid")
+    cfg.supervised.check("supervised")
+    cfg.hybrid.check("hybrid")
     _check_sweep(cfg.alphas, "alphas")
     m = cfg.model
     torch.manual_seed(cfg.seed + 1)  # gates initialised the same whether or not the ResNet is trained in this call
@@ -266,8 +244,8 @@ def run_blockdrop(cfg: BlockDropConfig, out: Path, prepare, progress: bool = Tru
     seed_everything(cfg.seed)
     device = pick_device(cfg.device)
     data, backbone, pre_loss = _build(cfg)
-    _check_stage(cfg.curriculum, "curriculum")
-    _check_stage(cfg.finetune, "finetune", min_epochs=0)
+    cfg.curriculum.check("curriculum")
+    cfg.finetune.check("finetune", min_epochs=0)
     _check_sweep(cfg.gammas, "gammas")
     m = cfg.model
     torch.manual_seed(cfg.seed + 1)  # one policy initialisation, shared by every gamma
