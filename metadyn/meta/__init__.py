@@ -1,7 +1,12 @@
-"""Meta-learning over exits (the seed's "Idea 2"): a functional MAML engine on torch.func in which
-each exit of a multi-exit network is a task; prototypical-network exits; few-shot evaluation."""
+"""Meta-learning over exits (the seed's "Idea 2"): a functional MAML engine (torch.func) in which each
+exit of a multi-exit network is a task; prototypical-network exits; few-shot evaluation per exit."""
 
+from metadyn.meta.data import fewshot_pool
+from metadyn.meta.evaluate import FewShotResult, anytime_costs, evaluate_episodes, mean_ci
 from metadyn.meta.functional import ExitRunner, inner_loop, run_exits, to_channels_last
 from metadyn.meta.learner import ALGORITHMS, MetaLearner
+from metadyn.meta.protonet import ProtoExits, prototype_logits
 
-__all__ = ["ALGORITHMS", "ExitRunner", "MetaLearner", "inner_loop", "run_exits", "to_channels_last"]
+__all__ = ["ALGORITHMS", "ExitRunner", "FewShotResult", "MetaLearner", "ProtoExits", "anytime_costs",
+           "evaluate_episodes", "fewshot_pool", "inner_loop", "mean_ci", "prototype_logits", "run_exits",
+           "to_channels_last"]

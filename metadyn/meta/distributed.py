@@ -22,7 +22,8 @@ import torch.distributed as dist
 def meta_train(out: str | Path | None, *, dataset: str = "glyphs", n_way: int = 5, k_shot: int = 1,
                n_query: int = 15, width: int = 32, algorithm: str = "maml", inner_lr: float = 0.4,
                inner_steps: int = 1, epochs: int = 1, iterations: int = 10, meta_batch: int = 8,
-               lr: float = 1e-3, seed: int = 0, samples_per_class: int = 20, device: str = "cpu") -> dict:
+               lr: float = 1e-3, optimizer: str = "adam", seed: int = 0, samples_per_class: int = 20,
+               device: str = "cpu", dtype: torch.dtype = torch.float32) -> dict:
     """Meta-train Conv-4 with every exit as a task with :func:`~metadyn.core.train.fit`; under an
     initialised process group the episodes are sharded over the ranks. Returns the final state dict."""
     from metadyn.core.backbones.conv4 import conv4_exits
@@ -34,17 +35,17 @@ def meta_train(out: str | Path | None, *, dataset: str = "glyphs", n_way: int = 
     seed_everything(seed)
     options = {"samples_per_class": samples_per_class} if dataset == "glyphs" else {}
     sampler = EpisodeSampler(fewshot_pool(dataset, "train", **options), n_way, k_shot, n_query, seed=seed)
-    net = conv4_exits(tuple(sampler.pool.x.shape[1:]), n_way, width=width, norm="batch_episodic")
+    net = conv4_exits(tuple(sampler.pool.x.shape[1:]), n_way, width=width, norm="batch_episodic").to(dtype)
     learner = MetaLearner(net, algorithm, inner_lr=inner_lr, inner_steps=inner_steps)
     dev = torch.device(device)
 
     def episodes(epoch: int):
         for i in range(iterations):
             batch = sampler.batch((epoch * iterations + i) * meta_batch, meta_batch)
-            yield tuple(b.to(dev) for b in batch), None
+            yield tuple(b.to(dev, dtype) if b.is_floating_point() else b.to(dev) for b in batch), None
 
     rank0 = not dist.is_initialized() or dist.get_rank() == 0
-    fit(learner, episodes, loss=lambda value, _: value, epochs=epochs, lr=lr, optimizer="adam", momentum=0.0,
+    fit(learner, episodes, loss=lambda value, _: value, epochs=epochs, lr=lr, optimizer=optimizer, momentum=0.0,
         weight_decay=0.0, schedule="constant", seed=seed, device=dev, progress=False,
         checkpoint=Path(out) if out is not None and rank0 else None)
     return learner.state_dict()
@@ -57,6 +58,7 @@ def main(argv: list[str] | None = None) -> None:
                                 ("n-query", int, 15), ("width", int, 32), ("algorithm", str, "maml"),
                                 ("inner-lr", float, 0.4), ("inner-steps", int, 1), ("epochs", int, 1),
                                 ("iterations", int, 10), ("meta-batch", int, 8), ("lr", float, 1e-3),
+                                ("optimizer", str, "adam"),
                                 ("seed", int, 0)):
         p.add_argument(f"--{name}", type=kind, default=default)
     args = vars(p.parse_args(argv))

@@ -89,8 +89,10 @@ class MetaLearner(nn.Module):
         exit_weights: ``w_i`` of the meta-objective (default 1 each).
         share_trunk: one inner loop for all exits whose trunk update is the sum of every exit's
             update (heads still take their own); this is joint multi-exit MAML.
-        channels_last: run convolutions in channels-last layout (``None``: on the CPU, where it makes
-            normalisation and pooling several times faster).
+        channels_last: run the query passes in channels-last layout (``None``: on the CPU, where it makes
+            normalisation and pooling several times faster; the support passes, small and differentiated
+            twice, keep their layout: per-channel reductions of BatchNorm's double backward are slower
+            channels-last).
 
     Example::
 
@@ -192,7 +194,7 @@ class MetaLearner(nn.Module):
         group by group lets the caller differentiate and free each group's graph before the next.
         """
         steps = self.inner_steps if steps is None else list(steps)
-        sx, qx = self._input(sx), self._input(qx)
+        qx = self._input(qx)  # the support set is small and differentiated twice: its layout stays
         paths = self.exit_paths(sx)
         pos = {e: j for j, e in enumerate(self.exits)}
         runner = self.runner
@@ -264,7 +266,7 @@ class MetaLearner(nn.Module):
         grads: list[Tensor | None] = [None] * len(leaves)
         k = len(self.exits)
         stats = torch.zeros(2 * k + 1, dtype=torch.float64, device=sx.device)  # loss, acc per exit; total
-        second = self.algorithm in ("maml", "metasgd")
+        second = self.algorithm != "fomaml"  # ANIL: second order through the head loop, as MAML
         weight = dict(zip(self.exits, self.exit_weights))
         pos = {e: j for j, e in enumerate(self.exits)}
         for t in range(rank, t_all, world):
