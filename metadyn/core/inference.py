@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
+from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
 from metadyn.core.backbones.base import MultiExitNet, index_state
 from metadyn.core.policies import pick_exits
@@ -44,6 +45,17 @@ def micro_batched(fn, x: Tensor, micro_batch: int | None):
     return type(first)(torch.cat(list(ts)) for ts in zip(*parts))
 
 
+def _sliced(fn, state, micro_batch: int | None):
+    """``fn(state)`` computed in batch slices of at most ``micro_batch`` samples (State pytrees)."""
+    leaves, _ = tree_flatten(state)
+    n = leaves[0].shape[0]
+    if micro_batch is None or n <= micro_batch:
+        return fn(state)
+    parts = [fn(tree_map(lambda t, s=s: t[s : s + micro_batch], state)) for s in range(0, n, micro_batch)]
+    flat = [tree_flatten(p) for p in parts]
+    return tree_unflatten([torch.cat(ts) for ts in zip(*(f[0] for f in flat))], flat[0][1])
+
+
 @torch.no_grad()
 def dynamic_exit(model: MultiExitNet, x: Tensor, policy, micro_batch: int | None = None) -> ExitResult:
     """Early exit with batch compaction: each stage runs only on the samples still in the batch.
@@ -52,22 +64,22 @@ def dynamic_exit(model: MultiExitNet, x: Tensor, policy, micro_batch: int | None
         model: a MultiExitNet (put it in eval mode first).
         x: input batch ``(B, ...)``.
         policy: a policy step ``(i, logits, carry) -> (mask, carry)`` (see :mod:`metadyn.core.policies`).
-        micro_batch: run slices of this many samples one after the other (see :func:`micro_batched`).
+        micro_batch: run a stage in slices of at most this many samples while more than that remain
+            (see :func:`micro_batched`); the later, smaller batches run whole, so slicing never adds
+            per-call overhead where few samples are left.
 
     Returns:
         An :class:`ExitResult`, equal to ``simulated_exit(model, x, policy)`` up to floating point.
     """
-    if micro_batch is not None and x.shape[0] > micro_batch:
-        return micro_batched(lambda chunk: dynamic_exit(model, chunk, policy), x, micro_batch)
     b = x.shape[0]
     last = model.num_exits - 1
     idx = torch.arange(b, device=x.device)  # original positions of the samples still in the batch
     exit_idx = torch.full((b,), last, dtype=torch.long, device=x.device)
     out: Tensor | None = None
     carry = None
-    state = model.stem(x)
+    state = _sliced(model.stem, x, micro_batch)
     for i in range(model.num_exits):
-        state = model.stage(i, state)
+        state = _sliced(lambda s, i=i: model.stage(i, s), state, micro_batch)
         logits, _ = model.exit(i, state)
         if out is None:
             out = logits.new_empty((b, logits.shape[1]))
