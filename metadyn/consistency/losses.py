@@ -106,7 +106,7 @@ def feature_dims(model: nn.Module, in_shape: Sequence[int]) -> list[int]:
     model.eval()
     try:
         with torch.no_grad():
-            out = model(torch.zeros((1, *in_shape), dtype=p.dtype, device=p.device))
+            out = model(torch.zeros((2, *in_shape), dtype=p.dtype, device=p.device))  # 2: batch-statistics norms
     finally:
         model.train(was_training)
     return [int(f.shape[-1]) for f in out.features]

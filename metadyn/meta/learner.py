@@ -106,7 +106,7 @@ class MetaLearner(nn.Module):
     def __init__(self, net: MultiExitNet, algorithm: str = "maml", inner_lr: float | Sequence[float] = 0.4,
                  inner_steps: int | Sequence[int] = 1, exits: Sequence[int] | None = None,
                  exit_weights: Sequence[float] | None = None, share_trunk: bool = False,
-                 channels_last: bool | None = None):
+                 channels_last: bool | None = None, consistency: nn.Module | None = None):
         super().__init__()
         if algorithm not in ALGORITHMS:
             raise InputError(f"unknown meta-learning algorithm {algorithm!r}; choose from: {', '.join(ALGORITHMS)}")
@@ -138,6 +138,9 @@ class MetaLearner(nn.Module):
                 self.inner_lrs[name.replace(".", "__")] = nn.Parameter(torch.full_like(p, self.inner_lr[0]))
         self._paths: dict[int, tuple[list[str], list[str]]] | None = None
         self.last_stats: dict = {}
+        # Idea 3 in the outer loop: an ExitConsistency (metadyn.consistency) whose weighted term, on each
+        # episode's support and query images through the meta-parameters, joins the meta-objective.
+        self.consistency = consistency
 
     # ------------------------------------------------------------------ parameters and paths
 
@@ -174,6 +177,18 @@ class MetaLearner(nn.Module):
             return []
         grads = torch.autograd.grad(out.sum(), leaves, allow_unused=True, retain_graph=True)
         return [n for n, g in zip(names, grads) if g is not None]
+
+    def _outer_leaves(self) -> list[Tensor]:
+        """Everything the outer loop learns: the network, Meta-SGD's rates, the consistency heads."""
+        extra = list(self.consistency.parameters()) if self.consistency is not None else []
+        return [*self._leaf_params().values(), *self.inner_lrs.values(), *extra]
+
+    def consistency_term(self, params: Params, x: Tensor) -> Tensor:
+        """``weight * consistency`` of the network at ``params`` on the images ``x`` (labels not used)."""
+        from torch.func import functional_call
+
+        out = functional_call(self.runner.net, {k[len("net."):]: v for k, v in params.items()}, (x,), strict=False)
+        return self.consistency.weight * self.consistency.consistency(out)
 
     def _lrs(self, keys: Sequence[str], rate: float) -> dict[str, float | Tensor]:
         if self.algorithm == "metasgd":
@@ -262,7 +277,7 @@ class MetaLearner(nn.Module):
         rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() \
             else (0, 1)
         params = self._leaf_params()
-        leaves = [*params.values(), *self.inner_lrs.values()]
+        leaves = self._outer_leaves()
         grads: list[Tensor | None] = [None] * len(leaves)
         k = len(self.exits)
         stats = torch.zeros(2 * k + 1, dtype=torch.float64, device=sx.device)  # loss, acc per exit; total
@@ -280,6 +295,12 @@ class MetaLearner(nn.Module):
                     stats[pos[e]] += ls.detach() / t_all
                     stats[k + pos[e]] += accuracy(z, qy[t]) / t_all
                 stats[-1] += total.detach()
+            if self.consistency is not None:  # one term per episode, on all its images
+                aux = self.consistency_term(params, torch.cat([sx[t], qx[t]])) / t_all
+                for j, d in enumerate(torch.autograd.grad(aux, leaves, allow_unused=True)):
+                    if d is not None:
+                        grads[j] = d if grads[j] is None else grads[j].add_(d)
+                stats[-1] += aux.detach()
         grads = [torch.zeros_like(p) if g is None else g for p, g in zip(leaves, grads)]  # off every path: 0
         if world > 1:
             for g in grads:
@@ -291,5 +312,5 @@ class MetaLearner(nn.Module):
     def forward(self, batch: Batch) -> Tensor:
         """The meta-objective of a meta-batch; its ``.backward()`` writes the meta-gradients."""
         value, grads = self.meta_gradient(batch)
-        leaves = [*self._leaf_params().values(), *self.inner_lrs.values()]
+        leaves = self._outer_leaves()
         return _PrecomputedGrad.apply(value, tuple(grads), *leaves)

@@ -27,7 +27,7 @@ from metadyn.runner import TaskKind, atomic_write_text
 from metadyn.runner.anytime import ModelSpec
 from metadyn.runner.report import markdown_table
 
-BASELINES = ("final_exit", "joint", "protonet")
+BASELINES = ("final_exit", "joint", "protonet", "exits_consistency")
 
 
 @dataclass
@@ -52,6 +52,8 @@ class MetaSpec:
     eval_inner_steps: int | None = None  # default: the training steps
     exit_weights: list[float] | None = None
     share_trunk: bool = False
+    # the exits_consistency variant: options of metadyn.consistency's loss (kind, weight, hidden)
+    consistency: dict = field(default_factory=lambda: {"kind": "byol", "weight": 0.1})
 
 
 @dataclass
@@ -69,7 +71,7 @@ class FewShotEvalSpec:
     val_episodes: int = 100
     test_episodes: int = 600
     policy: str = "confidence"
-    baselines: list[str] = field(default_factory=lambda: list(BASELINES))
+    baselines: list[str] = field(default_factory=lambda: ["final_exit", "joint", "protonet"])
 
 
 @dataclass
@@ -159,7 +161,18 @@ def build(cfg: FewShotConfig):
         return MetaLearner(net, **opts)
 
     make_learner(make_net())  # validates the meta options and the network's normalisation
+    if "exits_consistency" in cfg.eval.baselines:
+        if m.consistency.get("kind", "byol") == "simsiam":
+            raise InputError("meta.consistency: kind 'simsiam' needs augmented views; use byol or l2")
+        make_consistency(make_net(), in_shape, m.consistency)
     return samplers, in_shape, make_net, make_learner
+
+
+def make_consistency(net, in_shape, options: dict):
+    """The consistency heads of the exits_consistency variant (validated against the options)."""
+    from metadyn.consistency.losses import consistency_method
+
+    return checked_call(consistency_method, options, "meta.consistency", model=net, in_shape=in_shape)
 
 
 def _train(module, predictor, samplers, cfg: FewShotConfig, out: Path, device, progress: bool, epochs: int):
@@ -200,6 +213,10 @@ def run(cfg: FewShotConfig, out: Path, prepare, progress: bool = True) -> dict:
         k = net.num_exits
         if name == "exits":
             learner = make_learner(net)
+            history = _train(learner, learner, samplers, cfg, out / name, device, progress, cfg.train.epochs)
+            predictor, own = learner, [main_own] * k
+        elif name == "exits_consistency":  # the same, plus Idea 3's consistency in the outer loop
+            learner = make_learner(net, consistency=make_consistency(net, in_shape, cfg.meta.consistency))
             history = _train(learner, learner, samplers, cfg, out / name, device, progress, cfg.train.epochs)
             predictor, own = learner, [main_own] * k
         elif name == "joint":
