@@ -45,7 +45,7 @@ from torch import Tensor, nn
 
 from metadyn.attention.maps import attention_transfer
 from metadyn.core.backbones.base import MultiExitNet
-from metadyn.core.flops import count_flops, exit_costs
+from metadyn.core.flops import count_flops, exit_costs, probe
 from metadyn.core.heads import ScanAttention
 from metadyn.core.inference import collect_logits
 from metadyn.core.losses import exitwise_ce
@@ -223,7 +223,6 @@ class AttentiveExits(MultiExitNet):
 # --------------------------------------------------------------------------- costs
 
 
-@torch.no_grad()
 def exit_mflops(model: AttentiveExits, in_shape) -> list[float]:
     """Cumulative MFLOPs of leaving at each exit.
 
@@ -234,11 +233,7 @@ def exit_mflops(model: AttentiveExits, in_shape) -> list[float]:
     """
     if model.deployable:
         return exit_costs(model, in_shape).mflops()
-    p = next(model.parameters())
-    x = torch.zeros((1, *in_shape), dtype=p.dtype, device=p.device)
-    was_training = model.training
-    model.eval()
-    try:
+    with probe(model, in_shape) as x:
         stem = count_flops(model.stem, x)
         s, stages, states = model.stem(x), [], []
         for i in range(model.num_exits):
@@ -246,8 +241,6 @@ def exit_mflops(model: AttentiveExits, in_shape) -> list[float]:
             s = model.stage(i, s)
             states.append(s)
         heads = [count_flops(model.exit_from, i, states) for i in range(model.num_exits)]
-    finally:
-        model.train(was_training)
     last = model.num_exits - 1
     need = [max(i, model.sources[i]) if i < last else last for i in range(model.num_exits)]
     return [(stem + sum(stages[: need[i] + 1]) + sum(heads[: i + 1])) / 1e6 for i in range(model.num_exits)]

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from metadyn.core.flops import probe
 from metadyn.core.losses import exitwise_ce
 from metadyn.core.outputs import ExitOutput
 from metadyn.errors import InputError
@@ -101,14 +102,8 @@ class ExitConsistency(nn.Module):
 
 def feature_dims(model: nn.Module, in_shape: Sequence[int]) -> list[int]:
     """``D`` of every exit's features, from one forward of a zero batch in eval mode."""
-    was_training = model.training
-    p = next(model.parameters())
-    model.eval()
-    try:
-        with torch.no_grad():
-            out = model(torch.zeros((2, *in_shape), dtype=p.dtype, device=p.device))  # 2: batch-statistics norms
-    finally:
-        model.train(was_training)
+    with probe(model, in_shape, batch=2) as x:
+        out = model(x)
     return [int(f.shape[-1]) for f in out.features]
 
 

@@ -8,11 +8,12 @@ MSDNet and SDN tables call FLOPs.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from metadyn.core.backbones.base import MultiExitNet
@@ -56,14 +57,24 @@ class ExitCosts:
         return [c / 1e6 for c in self.cumulative]
 
 
-@torch.no_grad()
-def exit_costs(model: MultiExitNet, in_shape: Sequence[int]) -> ExitCosts:
-    """Count the FLOPs of each stage and head of ``model`` on one input of shape ``in_shape`` (C, H, W)."""
+@contextmanager
+def probe(model: nn.Module, in_shape: Sequence[int], batch: int = 1) -> Iterator[Tensor]:
+    """A zero batch ``(batch, *in_shape)`` on the model's device and dtype, with the model in eval mode and
+    gradients off for the duration (the model's mode is restored after). Use ``batch=2`` for networks
+    whose normalisation always uses batch statistics."""
     p = next(model.parameters())
-    x = torch.zeros((1, *in_shape), dtype=p.dtype, device=p.device)
     was_training = model.training
     model.eval()
     try:
+        with torch.no_grad():
+            yield torch.zeros((batch, *in_shape), dtype=p.dtype, device=p.device)
+    finally:
+        model.train(was_training)
+
+
+def exit_costs(model: MultiExitNet, in_shape: Sequence[int]) -> ExitCosts:
+    """Count the FLOPs of each stage and head of ``model`` on one input of shape ``in_shape`` (C, H, W)."""
+    with probe(model, in_shape) as x:
         stem = count_flops(model.stem, x)
         state = model.stem(x)
         stages, heads = [], []
@@ -71,8 +82,6 @@ def exit_costs(model: MultiExitNet, in_shape: Sequence[int]) -> ExitCosts:
             stages.append(count_flops(model.stage, i, state))
             state = model.stage(i, state)
             heads.append(count_flops(model.exit, i, state))
-    finally:
-        model.train(was_training)
     return ExitCosts(stem, stages, heads)
 
 

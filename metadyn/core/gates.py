@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from metadyn.core.backbones.resnet import ResNetExits, resnet_exits
-from metadyn.core.flops import count_flops
+from metadyn.core.flops import count_flops, probe
 from metadyn.core.inference import skip_block
 from metadyn.core.train import Callback, TrainState
 from metadyn.errors import InputError
@@ -498,16 +498,11 @@ class GatedCosts:
         return (self.fixed + actions.to(torch.float64) @ blocks) / 1e6
 
 
-@torch.no_grad()
 def gated_costs(model: GatedResNet | BlockDropNet, in_shape: Sequence[int]) -> GatedCosts:
     """Count the FLOPs (``count_flops``) of the stem, each block, each gate or the policy network, and the
     final head of ``model`` on one input of shape ``in_shape`` ``(C, H, W)``."""
     bb = model.backbone
-    p = next(model.parameters())
-    x = torch.zeros((1, *in_shape), dtype=p.dtype, device=p.device)
-    was_training = model.training
-    model.eval()
-    try:
+    with probe(model, in_shape) as x:
         fixed = count_flops(bb.stem, x)
         h = bb.stem(x)
         state, blocks = None, []
@@ -520,8 +515,6 @@ def gated_costs(model: GatedResNet | BlockDropNet, in_shape: Sequence[int]) -> G
         fixed += count_flops(bb.exit, bb.num_exits - 1, h)
         if isinstance(model, BlockDropNet):
             fixed += count_flops(model.policy, x)
-    finally:
-        model.train(was_training)
     return GatedCosts(fixed, blocks)
 
 
