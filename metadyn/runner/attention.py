@@ -60,7 +60,7 @@ from metadyn.runner.anytime import (
     load_data,
     train,
 )
-from metadyn.runner.report import markdown_table, pyplot
+from metadyn.runner.report import finish_curve_plot, markdown_table, pyplot
 
 VARIANTS = ("none", "own", "later", "detachable", "detachable_no_at")
 LABELS = {"none": "no attention", "own": "own-layer attention (SCAN)",
@@ -338,14 +338,7 @@ def plot_variants(path: Path, variants: dict, title: str = "") -> None:
         ax.errorbar(r["mflops"], [100 * a for a in r["accuracy_mean"]], yerr=[100 * s for s in r["accuracy_std"]],
                     fmt="o-" if r["deployable"] else "s:", capsize=3, color=f"C{j}",
                     label=v + ("" if r["deployable"] else " (not deployable)"))
-    ax.set_xlabel("MFLOPs per sample (cumulative)")
-    ax.set_ylabel("test accuracy (%)")
-    ax.set_title(title or "exit attention")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="lower right")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    finish_curve_plot(fig, ax, path, title or "exit attention", xlabel="MFLOPs per sample (cumulative)", legend_size=7)
 
 
 TASK_KINDS.register("attention", TaskKind(AttentionConfig, run))

@@ -46,7 +46,7 @@ from metadyn.runner.anytime import (
     load_data,
     train,
 )
-from metadyn.runner.report import markdown_table, pyplot
+from metadyn.runner.report import finish_curve_plot, markdown_table, pyplot
 
 _NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
 
@@ -339,14 +339,7 @@ def plot_comparison(path: Path, results: dict, exits: list[dict], title: str = "
     ax.plot([], [], "k-", label="geometric thresholds (MSDNet)")
     ax.plot([], [], "kx--", label="GA thresholds (SCAN)")
     ax.plot([], [], "k.", label="single exit")
-    ax.set_xlabel("MFLOPs per sample")
-    ax.set_ylabel("test accuracy (%)")
-    ax.set_title(title or "early-exit methods")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="lower right")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    finish_curve_plot(fig, ax, path, title or "early-exit methods", legend_size=7)
 
 
 TASK_KINDS.register("compare", TaskKind(CompareConfig, run))

@@ -49,7 +49,7 @@ from metadyn.registry import BACKBONES, TASK_KINDS
 from metadyn.runner import TaskKind, atomic_write_text
 from metadyn.runner.anytime import BUDGET_FRACTIONS, DataSpec
 from metadyn.runner.anytime import FitSpec as BaseFitSpec
-from metadyn.runner.report import markdown_table, pyplot
+from metadyn.runner.report import finish_curve_plot, markdown_table, pyplot
 
 CONDITIONS = ("real", "impressions", "impressions_bn", "noise", "untrained")
 DESCRIPTIONS = {
@@ -415,14 +415,7 @@ def plot_conditions(path: Path, agg: dict, conditions: list[str], title: str) ->
         line, = ax.plot([c["mflops"] for c in pts], [100 * c["accuracy"] for c in pts], "-", label=DESCRIPTIONS[name])
         ex = agg[name]["exits"]
         ax.plot([x["mflops"] for x in ex], [100 * x["accuracy"] for x in ex], "o", color=line.get_color(), ms=4)
-    ax.set_xlabel("MFLOPs per sample")
-    ax.set_ylabel("test accuracy (%)")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="lower right")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    finish_curve_plot(fig, ax, path, title, legend_size=7)
 
 
 def plot_impressions(path: Path, imps: Impressions, per_class: int = 6) -> None:

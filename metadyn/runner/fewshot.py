@@ -25,7 +25,7 @@ from metadyn.errors import InputError
 from metadyn.registry import BACKBONES, TASK_KINDS
 from metadyn.runner import TaskKind, atomic_write_text
 from metadyn.runner.anytime import ModelSpec
-from metadyn.runner.report import markdown_table
+from metadyn.runner.report import finish_curve_plot, markdown_table
 
 BASELINES = ("final_exit", "joint", "protonet", "exits_consistency")
 
@@ -280,14 +280,8 @@ def plot_methods(path: Path, methods: dict, title: str) -> None:
         ax.plot([c["mflops"] for c in pts], [100 * c["accuracy"] for c in pts], "-", color=color, label=name)
         ax.errorbar([e["mflops"] for e in m["exits"]], [100 * e["accuracy"] for e in m["exits"]],
                     yerr=[100 * e["ci95"] for e in m["exits"]], fmt="o", color=color, ms=4, capsize=2)
-    ax.set_xlabel("MFLOPs per query (after adaptation)")
-    ax.set_ylabel("meta-test accuracy (%)")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="lower right")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    finish_curve_plot(fig, ax, path, title, xlabel="MFLOPs per query (after adaptation)",
+                      ylabel="meta-test accuracy (%)")
 
 
 def report(cfg: FewShotConfig, m: dict) -> str:

@@ -29,6 +29,20 @@ def pyplot():
     return plt
 
 
+def finish_curve_plot(fig, ax, path: Path, title: str, xlabel: str = "MFLOPs per sample",
+                      ylabel: str = "test accuracy (%)", legend_size: int = 8) -> None:
+    """Label, grid, legend (lower right), save at 120 dpi and close an accuracy-vs-cost figure."""
+    plt = pyplot()
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=legend_size, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def plot_accuracy_vs_mflops(path: Path, curve: Sequence[dict], exits: Sequence[dict], title: str = "") -> None:
     """The budgeted curve (dynamic early exit) with every exit's anytime accuracy as points."""
     plt = pyplot()
@@ -42,14 +56,7 @@ def plot_accuracy_vs_mflops(path: Path, curve: Sequence[dict], exits: Sequence[d
     for e in exits:
         ax.annotate(str(e["exit"]), (e["mflops"], 100 * e["accuracy"]), textcoords="offset points", xytext=(4, -10),
                     fontsize=8, color="gray")
-    ax.set_xlabel("MFLOPs per sample")
-    ax.set_ylabel("test accuracy (%)")
-    ax.set_title(title or "accuracy vs computation")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="lower right")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    finish_curve_plot(fig, ax, path, title or "accuracy vs computation")
 
 
 def plot_exit_histogram(path: Path, fractions: Sequence[float], title: str = "") -> None:

@@ -47,7 +47,7 @@ from metadyn.errors import InputError
 from metadyn.registry import METHODS, TASK_KINDS
 from metadyn.runner import TaskKind, atomic_write_text
 from metadyn.runner.anytime import DataSpec, FitSpec, TrainSpec
-from metadyn.runner.report import markdown_table
+from metadyn.runner.report import finish_curve_plot, markdown_table, pyplot
 
 TOP_POLICIES = 10
 
@@ -384,18 +384,9 @@ Share of test samples running each block (%, block 1 first): {usage}
 """
 
 
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def plot_tradeoff(path: Path, points: Sequence[dict], knob: str, always_on: dict, chosen: dict, title: str) -> None:
     """Test accuracy vs MFLOPs of every swept knob value, the chosen one and the always-on network."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(5.5, 4))
     pts = sorted(points, key=lambda p: p["mflops"])
     ax.plot([p["mflops"] for p in pts], [100 * p["accuracy"] for p in pts], "o-", label=f"gated, one point per {knob}")
@@ -404,19 +395,12 @@ def plot_tradeoff(path: Path, points: Sequence[dict], knob: str, always_on: dict
                     fontsize=8)
     ax.plot([chosen["mflops"]], [100 * chosen["accuracy"]], "*", ms=14, color="tab:red", label="chosen on val")
     ax.plot([always_on["mflops"]], [100 * always_on["accuracy"]], "s", color="gray", label="always-on ResNet")
-    ax.set_xlabel("MFLOPs per sample")
-    ax.set_ylabel("test accuracy (%)")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="lower right")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    finish_curve_plot(fig, ax, path, title)
 
 
 def plot_block_usage(path: Path, usage: Sequence[float], title: str) -> None:
     """Share of samples running each block."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(5.5, 3.2))
     ax.bar(range(1, len(usage) + 1), [100 * u for u in usage], color="tab:blue")
     ax.set_xlabel("block")
