@@ -21,7 +21,7 @@ from metadyn.core.flops import exit_costs
 from metadyn.core.inference import collect_logits
 from metadyn.core.policies import anytime_accuracy
 from metadyn.core.train import fit, pick_device, seed_everything
-from metadyn.errors import InputError
+from metadyn.errors import InputError, NonFiniteLossError
 from metadyn.registry import BACKBONES, TASK_KINDS
 from metadyn.runner import TaskKind, atomic_write_text
 from metadyn.runner.anytime import DataSpec, ModelSpec, TrainSpec, build_method, method_callbacks
@@ -103,17 +103,23 @@ def run(cfg: LabelScarceConfig, out: Path, prepare, progress: bool = True) -> di
                 seed_everything(seed)
                 model = make_model()
                 loss = build_method(m.name, m.options, model, data.in_shape)
-                fit(model, (data.train.x, y), loss=loss, **t.fit_kwargs(), seed=seed, device=device, progress=progress,
-                    callbacks=method_callbacks(loss, model),
-                    checkpoint=out / "checkpoints" / f"labels{k}_seed{seed}_method{j}.pt")  # resumable
+                try:
+                    fit(model, (data.train.x, y), loss=loss, **t.fit_kwargs(), seed=seed, device=device,
+                        progress=progress, callbacks=method_callbacks(loss, model),
+                        checkpoint=out / "checkpoints" / f"labels{k}_seed{seed}_method{j}.pt")  # resumable
+                except NonFiniteLossError:  # one diverged training is a result, not the end of the experiment
+                    acc.setdefault((k, label), []).append(None)
+                    continue
                 logits = collect_logits(model, data.test.x)
                 acc.setdefault((k, label), []).append(anytime_accuracy(logits, data.test.y))
 
     rows = []
     for (k, label), runs in acc.items():
-        per_exit = [_mean_std([r[i] for r in runs]) for i in range(len(costs))]
+        done = [r for r in runs if r is not None]
+        per_exit = [_mean_std([r[i] for r in done]) if done else (float("nan"), float("nan"))
+                    for i in range(len(costs))]
         rows.append({"labels_per_class": k, "method": label, "accuracy_mean": [m for m, _ in per_exit],
-                     "accuracy_std": [s for _, s in per_exit], "runs": runs})
+                     "accuracy_std": [s for _, s in per_exit], "runs": runs, "diverged": len(runs) - len(done)})
     first = rows[0]
     metrics = {
         "dataset": cfg.data.name, "seed": cfg.seed, "device": str(device),
@@ -131,11 +137,14 @@ def report(cfg: LabelScarceConfig, rows: list[dict], costs: list[float]) -> str:
     parts = [f"# {cfg.task}\n",
              f"`{cfg.model.backbone}` {cfg.model.options or ''} on `{cfg.data.name}`, {cfg.train.epochs} epochs, "
              f"seeds {cfg.seeds}. Test accuracy (%) per exit, mean ± std over seeds; the labels kept per class "
-             "come from the train split, the rest of it is used unlabeled by the methods that can.\n"]
+             "come from the train split, the rest of it is used unlabeled by the methods that can. A training "
+             "whose loss became NaN is left out of the mean and counted as diverged.\n"]
     for k in cfg.labels_per_class:
         sub = [r for r in rows if r["labels_per_class"] == k]
-        table = [{"method": r["method"], **{f"e{i}": f"{100 * m:.1f} ± {100 * s:.1f}"
-                                            for i, (m, s) in enumerate(zip(r["accuracy_mean"], r["accuracy_std"]))}}
+        table = [{"method": r["method"] + (f" (diverged: {r['diverged']} of {len(r['runs'])} seeds)"
+                                           if r["diverged"] else ""),
+                  **{f"e{i}": f"{100 * m:.1f} ± {100 * s:.1f}"
+                     for i, (m, s) in enumerate(zip(r["accuracy_mean"], r["accuracy_std"]))}}
                  for r in sub]
         parts.append(f"## {k} label{'s' if k > 1 else ''} per class\n\n{markdown_table(table, cols)}\n")
     parts.append("![accuracy vs labels](accuracy_vs_labels.png)\n")

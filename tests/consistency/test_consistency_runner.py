@@ -34,3 +34,13 @@ def test_simsiam_without_augmentation_is_refused(tmp_path, capsys):
     code = main(["run", str(TASK), "--quick", "--out", str(tmp_path / "x"), *TINY, "--set", "train.augment=none"])
     assert code == 2 and "simsiam" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+
+
+def test_a_diverged_training_is_reported_not_fatal(tmp_path):
+    out = tmp_path / "nan"
+    code = main(["run", str(TASK), "--quick", "--out", str(out), *TINY, "--set", "train.lr=1e30",
+                 "--set", "methods=[{name: ce, label: CE}]"])
+    assert code == 0
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["extra"]["results"][0]["diverged"] == 1 and m["extra"]["results"][0]["runs"] == [None]
+    assert "diverged: 1 of 1 seeds" in (out / "report.md").read_text()
