@@ -51,6 +51,21 @@ class ExitRunner(nn.Module):
     def __init__(self, net: MultiExitNet):
         super().__init__()
         self.net = net
+        self._slots: dict[str, list[tuple[nn.Module, str]]] | None = None
+
+    def slots(self) -> dict[str, list[tuple[nn.Module, str]]]:
+        """Where each parameter lives: ``name -> [(module, attribute), ...]`` (several for tied weights),
+        found once, so that :func:`run_exits` swaps parameters without walking the module tree."""
+        if self._slots is None:
+            first: dict[int, str] = {}
+            slots: dict[str, list[tuple[nn.Module, str]]] = {}
+            for mod_name, mod in self.named_modules(remove_duplicate=False):
+                for attr, p in mod._parameters.items():
+                    if p is not None:
+                        key = first.setdefault(id(p), f"{mod_name}.{attr}" if mod_name else attr)
+                        slots.setdefault(key, []).append((mod, attr))
+            self._slots = slots
+        return self._slots
 
     def forward(self, x, exits: tuple[int, ...], mode: str = "logits") -> list[Tensor]:
         if mode == "head":
@@ -66,8 +81,23 @@ class ExitRunner(nn.Module):
 
 def run_exits(runner: ExitRunner, params: Mapping[str, Tensor], x, exits: tuple[int, ...],
               mode: str = "logits") -> list[Tensor]:
-    """``runner(x, exits, mode)`` with the parameters ``params`` (buffers are the runner's own)."""
-    return functional_call(runner, dict(params), (x, exits, mode), strict=False)
+    """``runner(x, exits, mode)`` with the parameters ``params`` (buffers are the runner's own).
+
+    The same as ``torch.func.functional_call(runner, params, ...)`` (tied weights included), with the
+    parameter slots looked up once instead of on every call; keys that are not parameters of the
+    runner raise a ``KeyError``.
+    """
+    slots = runner.slots()
+    saved = []
+    try:
+        for k, v in params.items():
+            for mod, attr in slots[k]:
+                saved.append((mod, attr, mod._parameters[attr]))
+                mod._parameters[attr] = v
+        return runner(x, exits, mode)
+    finally:
+        for mod, attr, old in reversed(saved):
+            mod._parameters[attr] = old
 
 
 def inner_loop(loss_fn: Callable[[Params], Tensor], params: Params, keys: Sequence[str],

@@ -226,3 +226,29 @@ def test_bad_options_are_input_errors():
         MetaLearner(net, exits=[3, 1])
     with pytest.raises(InputError, match="share_trunk needs one inner_steps"):
         MetaLearner(net, inner_steps=[1, 1, 2, 2], share_trunk=True)
+
+
+def test_run_exits_equals_functional_call_with_tied_weights():
+    """The engine's parameter swap is ``torch.func.functional_call``: same outputs and gradients, tied
+    weights swapped together, and the module's own parameters restored afterwards."""
+    from torch.func import functional_call
+
+    from metadyn.meta.functional import ExitRunner, run_exits
+
+    net = _conv()
+    net.heads[0].fc = net.heads[1].fc  # a tied head
+    runner = ExitRunner(net)
+    own = {n: p.detach().clone() for n, p in runner.named_parameters()}
+    params = {n: (p + 0.1 * torch.randn_like(p)).requires_grad_() for n, p in runner.named_parameters()}
+    x = _episodes()[0][0]
+    ours = run_exits(runner, params, x, (0, 1, 3))
+    assert all(torch.equal(p, own[n]) for n, p in runner.named_parameters())
+    ref = functional_call(runner, params, (x, (0, 1, 3)))
+    for a, b in zip(ours, ref):
+        assert torch.equal(a, b)
+    g1 = torch.autograd.grad(sum(z.sum() for z in ours), list(params.values()), allow_unused=True)
+    g2 = torch.autograd.grad(sum(z.sum() for z in ref), list(params.values()), allow_unused=True)
+    assert [a is None for a in g1] == [b is None for b in g2] and None in g1  # head 2 is not run
+    for a, b in zip(g1, g2):
+        assert a is None or torch.equal(a, b)
+    assert "net.heads.1.fc.weight" not in params  # the tie is listed once, under its first name
