@@ -17,7 +17,6 @@ from collections.abc import Callable, Mapping, Sequence
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.func import functional_call
 
 from metadyn.core.backbones.base import MultiExitNet
 
