@@ -21,6 +21,15 @@ def test_byol_distance_by_hand():
     assert torch.allclose(byol_distance(p, z), torch.tensor([0.0, 2.0]))
 
 
+def test_l2_consistency_by_hand():
+    from metadyn.consistency.losses import consistency_loss
+
+    pred = torch.tensor([[1.0, 1.0], [0.0, 0.0]])
+    target = torch.tensor([[3.0, 0.0], [0.0, -2.0]])  # unit targets (1, 0) and (0, -1)
+    # 1/D ||p - t||^2 per sample: (0 + 1) / 2 and (0 + 1) / 2; mean over the batch
+    assert torch.allclose(consistency_loss(pred, target, "l2"), torch.tensor(0.5))
+
+
 @pytest.mark.parametrize("kind", ["byol", "simsiam", "l2"])
 def test_final_exit_gets_exactly_zero_gradient_from_consistency(kind):
     m = tiny_resnet_exits(num_classes=4)
