@@ -52,7 +52,9 @@ def cmd_bench(args) -> int:
     options = dict(parse_override(s) for s in (args.set or []))
     if args.model:
         options["model"] = args.model
-    text = json_text(mod.run(quick=args.quick, **options))
+    result = mod.run(quick=args.quick, **options)
+    result["reuse_freed_memory"] = args.reuse_freed_memory  # same setting for metadyn and its alternative
+    text = json_text(result)
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(text)
@@ -99,7 +101,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from metadyn.core.runtime import reuse_freed_memory
+
     args = build_parser().parse_args(argv)
+    args.reuse_freed_memory = reuse_freed_memory()  # freed activations are reused, not page-faulted in again
     try:
         return args.fn(args)
     except InputError as e:
