@@ -50,7 +50,8 @@ plt.show()"""),
     new_markdown_cell("""## Meta-training: MAML with each exit as its own task
 
 `MetaLearner` runs, for every episode and every exit, an inner loop over that exit's path only
-(`torch.func.functional_call` on parameter dicts); the meta-objective is the sum of the exits' query losses.
+(the network run on dicts of parameters, as `torch.func.functional_call` does); the meta-objective is the sum
+of the exits' query losses.
 `learner(batch)` computes the meta-gradient episode by episode; `.backward()` hands it to the optimizer."""),
     new_code_cell("""net = conv4_exits((1, 28, 28), 5, width=8 if QUICK else 32, norm="batch_episodic")
 learner = MetaLearner(net, "maml", inner_lr=0.4, inner_steps=1)

@@ -13,7 +13,8 @@ References:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -79,13 +80,16 @@ class ExitRunner(nn.Module):
         return out
 
 
-def run_exits(runner: ExitRunner, params: Mapping[str, Tensor], x, exits: tuple[int, ...],
-              mode: str = "logits") -> list[Tensor]:
-    """``runner(x, exits, mode)`` with the parameters ``params`` (buffers are the runner's own).
+@contextmanager
+def swapped_parameters(runner: ExitRunner, params: Mapping[str, Tensor]) -> Iterator[None]:
+    """Within the block, the runner's parameters named in ``params`` are those tensors; afterwards the
+    module's own parameters are back, also when the block raises.
 
-    The same as ``torch.func.functional_call(runner, params, ...)`` (tied weights included), with the
-    parameter slots looked up once instead of on every call; keys that are not parameters of the
-    runner raise a ``KeyError``.
+    The same as ``torch.func.functional_call``'s swap (tied weights are swapped together), with the slots
+    looked up once instead of on every call. It also restores a module that appears twice in the tree,
+    which ``functional_call`` with its default ``tie_weights=True`` does not do in torch 2.14.1: the passed
+    tensor stays in the module after the call. Keys that are not parameters of the runner raise a
+    ``KeyError``.
     """
     slots = runner.slots()
     saved = []
@@ -94,10 +98,17 @@ def run_exits(runner: ExitRunner, params: Mapping[str, Tensor], x, exits: tuple[
             for mod, attr in slots[k]:
                 saved.append((mod, attr, mod._parameters[attr]))
                 mod._parameters[attr] = v
-        return runner(x, exits, mode)
+        yield
     finally:
         for mod, attr, old in reversed(saved):
             mod._parameters[attr] = old
+
+
+def run_exits(runner: ExitRunner, params: Mapping[str, Tensor], x, exits: tuple[int, ...],
+              mode: str = "logits") -> list[Tensor]:
+    """``runner(x, exits, mode)`` with the parameters ``params`` (buffers are the runner's own)."""
+    with swapped_parameters(runner, params):
+        return runner(x, exits, mode)
 
 
 def inner_loop(loss_fn: Callable[[Params], Tensor], params: Params, keys: Sequence[str],

@@ -39,6 +39,7 @@ from metadyn.meta.functional import (
     cross_entropy,
     inner_loop,
     run_exits,
+    swapped_parameters,
     to_channels_last,
 )
 
@@ -185,9 +186,8 @@ class MetaLearner(nn.Module):
 
     def consistency_term(self, params: Params, x: Tensor) -> Tensor:
         """``weight * consistency`` of the network at ``params`` on the images ``x`` (labels not used)."""
-        from torch.func import functional_call
-
-        out = functional_call(self.runner.net, {k[len("net."):]: v for k, v in params.items()}, (x,), strict=False)
+        with swapped_parameters(self.runner, params):
+            out = self.runner.net(x)
         return self.consistency.weight * self.consistency.consistency(out)
 
     def _lrs(self, keys: Sequence[str], rate: float) -> dict[str, float | Tensor]:
