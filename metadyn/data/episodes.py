@@ -57,6 +57,20 @@ class ClassPool:
         x, y = render_glyphs(glyph_class_ids(split), samples_per_class, seed=seed, size=size)
         return cls(x, y)
 
+    def with_rotations(self) -> ClassPool:
+        """A pool with four classes per class: its images rotated by 0, 90, 180 and 270 degrees.
+
+        Class ``c`` rotated by ``r * 90`` degrees becomes class ``4 c + r``. This is the Omniglot
+        augmentation of Santoro et al. (ICML 2016, Sec. 4.1) and Vinyals et al. (NeurIPS 2016, Sec. 4.1.1),
+        used by MAML (Finn et al., ICML 2017, Sec. 5.1): a rotated character is treated as a new character.
+        """
+        h, w = self.x.shape[-2:]
+        if h != w:
+            raise InputError(f"rotations need square images, got {h}x{w}; set size")
+        xs = [torch.rot90(self.x, r, dims=(2, 3)) for r in range(4)]
+        ys = [4 * self.y + r for r in range(4)]
+        return ClassPool(torch.cat(xs), torch.cat(ys))
+
     def count(self, c: int) -> int:
         """How many samples class ``c`` holds (0 for a class the pool does not have)."""
         idx = self._index.get(int(c))

@@ -6,7 +6,8 @@ Layouts (``root`` is the folder holding them):
 
 - Omniglot (Lake et al.): ``images_background/<alphabet>/<character>/*.png`` and
   ``images_evaluation/...``; the 1623 characters, background first, sorted, are split 1100 / 100 /
-  423 as in learn2learn's benchmark; ink is made 1 (the files draw black on white).
+  423 as in learn2learn's benchmark; ink is made 1 (the files draw black on white); ``rotations: true``
+  adds each character's 90/180/270-degree rotations as new classes.
 - miniImageNet (Ravi & Larochelle's split): ``images/*.jpg`` with ``train.csv``, ``val.csv``,
   ``test.csv`` (``filename,label``), or ``train|val|test/<wnid>/*.jpg``.
 - CIFAR-FS (Bertinetto et al.): ``data/<class>/*.png`` with ``splits/bertinetto/{train,val,test}.txt``,
@@ -54,8 +55,14 @@ def _split_folders(name: str, root: Path, split: str) -> list[list[Path]] | None
     return [files for _, files in _class_dirs(name, root / split, 1)]
 
 
-def omniglot(root: str | None, split: str, size: int | None = 28) -> ClassPool:
-    """Omniglot characters of a meta-split (1100 / 100 / 423 classes); 28x28 by default, ink = 1."""
+def omniglot(root: str | None, split: str, size: int | None = 28, rotations: bool = False) -> ClassPool:
+    """Omniglot characters of a meta-split (1100 / 100 / 423 classes); 28x28 by default, ink = 1.
+
+    ``rotations``: every character also rotated by 90, 180 and 270 degrees, each a new class
+    (:meth:`~metadyn.data.episodes.ClassPool.with_rotations`, as in Vinyals et al. and MAML), in every split.
+    """
+    if not isinstance(rotations, bool):
+        raise InputError(f"dataset 'omniglot': rotations must be true or false, got {rotations!r}")
     _check_split("omniglot", split)
     path = _require_root("omniglot", root)
     parts = [path / p for p in ("images_background", "images_evaluation") if (path / p).is_dir()]
@@ -67,7 +74,8 @@ def omniglot(root: str | None, split: str, size: int | None = 28) -> ClassPool:
         n_train, n_val = max(1, len(classes) * 2 // 3), max(1, len(classes) // 6)
     bounds = {"train": (0, n_train), "val": (n_train, n_train + n_val), "test": (n_train + n_val, len(classes))}
     lo, hi = bounds[split]
-    return _pool("omniglot", classes[lo:hi], size, grayscale=True, invert=True)
+    pool = _pool("omniglot", classes[lo:hi], size, grayscale=True, invert=True)
+    return pool.with_rotations() if rotations else pool
 
 
 def miniimagenet(root: str | None, split: str, size: int | None = 84) -> ClassPool:

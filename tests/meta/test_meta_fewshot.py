@@ -88,6 +88,24 @@ def test_omniglot_folders_are_split_by_character_and_inverted(tmp_path):
     assert pools["train"].x.shape[1:] == (1, 4, 4) and float(pools["train"].x.max()) == 0.0  # white -> 0
     with pytest.raises(InputError, match="images_background"):
         fewshot_pool("omniglot", "train", str(tmp_path / "images_background"))
+    rotated = fewshot_pool("omniglot", "val", str(tmp_path), size=4, rotations=True)
+    assert len(rotated.classes) == 4 * len(pools["val"].classes) and len(rotated) == 4 * len(pools["val"])
+    with pytest.raises(InputError, match="rotations"):
+        fewshot_pool("omniglot", "val", str(tmp_path), rotations="yes")
+
+
+def test_rotated_classes_are_the_rotated_images():
+    from metadyn.data import ClassPool
+
+    x = torch.arange(2 * 9, dtype=torch.float32).reshape(2, 1, 3, 3)
+    pool = ClassPool(x, torch.tensor([0, 5])).with_rotations()
+    assert pool.classes == [0, 1, 2, 3, 20, 21, 22, 23]
+    for c, base in ((0, 0), (5, 1)):
+        for r in range(4):
+            (i,) = pool.indices(4 * c + r).tolist()
+            assert torch.equal(pool.x[i], torch.rot90(x[base], r, dims=(1, 2)))
+    with pytest.raises(InputError, match="square"):
+        ClassPool(torch.zeros(1, 1, 2, 3), torch.tensor([0])).with_rotations()
 
 
 def test_miniimagenet_csv_and_cifar_fs_split_files(tmp_path):
