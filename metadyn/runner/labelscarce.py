@@ -128,11 +128,16 @@ def run(cfg: LabelScarceConfig, out: Path, prepare, progress: bool = True) -> di
         "extra": {"results": rows, "mflops": costs, "seeds": cfg.seeds, "labels_per_class": cfg.labels_per_class},
     }
     plot_label_curves(out / "accuracy_vs_labels.png", rows, len(costs))
-    atomic_write_text(out / "report.md", report(cfg, rows, costs))
+    counts = torch.unique(data.train.y, return_counts=True)[1]
+    atomic_write_text(out / "report.md", report(cfg, rows, costs, (int(counts.min()), int(counts.max()))))
     return metrics
 
 
-def report(cfg: LabelScarceConfig, rows: list[dict], costs: list[float]) -> str:
+def report(cfg: LabelScarceConfig, rows: list[dict], costs: list[float], per_class: tuple[int, int]) -> str:
+    """The results tables, one per number of labels kept; ``per_class`` is the (fewest, most) train samples
+    of a class, so that a heading can say when a class keeps all its labels."""
+    lo, hi = per_class
+    have = f"{lo}" if lo == hi else f"{lo}–{hi}"
     cols = [("method", "method", "")] + [(f"e{i}", f"exit {i} ({costs[i]:.2f} MF)", "") for i in range(len(costs))]
     parts = [f"# {cfg.task}\n",
              f"`{cfg.model.backbone}` {cfg.model.options or ''} on `{cfg.data.name}`, {cfg.train.epochs} epochs, "
@@ -146,7 +151,9 @@ def report(cfg: LabelScarceConfig, rows: list[dict], costs: list[float]) -> str:
                   **{f"e{i}": f"{100 * m:.1f} ± {100 * s:.1f}"
                      for i, (m, s) in enumerate(zip(r["accuracy_mean"], r["accuracy_std"]))}}
                  for r in sub]
-        parts.append(f"## {k} label{'s' if k > 1 else ''} per class\n\n{markdown_table(table, cols)}\n")
+        note = f" (all: the train split has {have} per class)" if k >= hi else \
+            f" (the train split has {have} per class)" if k >= lo else ""
+        parts.append(f"## {k} label{'s' if k > 1 else ''} per class{note}\n\n{markdown_table(table, cols)}\n")
     parts.append("![accuracy vs labels](accuracy_vs_labels.png)\n")
     return "\n".join(parts)
 

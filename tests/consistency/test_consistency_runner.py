@@ -26,7 +26,7 @@ def test_labelscarce_quick_run(tmp_path):
     assert {"CE only", "self-distillation", "BYOL-style", "SimSiam-style", "two views without consistency",
             "feature L2"} == methods
     assert all(len(r["runs"]) == 1 and len(r["accuracy_mean"]) == 3 for r in m["extra"]["results"])
-    assert "## 5 labels per class" in (out / "report.md").read_text()
+    assert "## 5 labels per class\n" in (out / "report.md").read_text()
     assert (out / "accuracy_vs_labels.png").exists()
 
 
@@ -39,8 +39,10 @@ def test_simsiam_without_augmentation_is_refused(tmp_path, capsys):
 def test_a_diverged_training_is_reported_not_fatal(tmp_path):
     out = tmp_path / "nan"
     code = main(["run", str(TASK), "--quick", "--out", str(out), *TINY, "--set", "train.lr=1e30",
-                 "--set", "methods=[{name: ce, label: CE}]"])
+                 "--set", "methods=[{name: ce, label: CE}]", "--set", "labels_per_class=[1000]"])
     assert code == 0
     m = json.loads((out / "metrics.json").read_text())
     assert m["extra"]["results"][0]["diverged"] == 1 and m["extra"]["results"][0]["runs"] == [None]
-    assert "diverged: 1 of 1 seeds" in (out / "report.md").read_text()
+    text = (out / "report.md").read_text()
+    assert "diverged: 1 of 1 seeds" in text
+    assert "## 1000 labels per class (all: the train split has " in text  # no class has 1000 samples
