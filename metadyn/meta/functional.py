@@ -1,10 +1,10 @@
 """Pure functions of the meta-learning engine: parameter dicts in, parameter dicts out (torch.func).
 
 A model is run on a dict of parameters (:func:`run_exits`, which is :func:`torch.func.functional_call`
-with the parameter slots looked up once: walking the module tree on every call cost about 5% of a CPU
-meta-step); an inner loop maps a dict to its adapted dict; nothing is cloned. :class:`ExitRunner` lets
-:func:`run_exits` run only a prefix of a :class:`~metadyn.core.backbones.base.MultiExitNet` (the trunk up
-to exit i and head i), which is what makes "each exit is a task" cheap: exit 0 never computes the deeper blocks.
+with the parameter slots looked up once instead of walking the module tree on every forward); an inner
+loop maps a dict to its adapted dict; nothing is cloned. :class:`ExitRunner` lets :func:`run_exits` run
+only a prefix of a :class:`~metadyn.core.backbones.base.MultiExitNet` (the trunk up to exit i and head i),
+which is what makes "each exit is a task" cheap: exit 0 never computes the deeper blocks.
 
 References:
     Finn et al., "Model-Agnostic Meta-Learning for Fast Adaptation of Deep Networks", ICML 2017,
@@ -54,9 +54,15 @@ class ExitRunner(nn.Module):
         self.net = net
         self._slots: dict[str, list[tuple[nn.Module, str]]] | None = None
 
+    def forget_slots(self) -> None:
+        """Drop the cached slots (after the module tree changed); :meth:`slots` finds them again."""
+        self._slots = None
+
     def slots(self) -> dict[str, list[tuple[nn.Module, str]]]:
         """Where each parameter lives: ``name -> [(module, attribute), ...]`` (several for tied weights),
-        found once, so that :func:`run_exits` swaps parameters without walking the module tree."""
+        found once, so that :func:`run_exits` swaps parameters without walking the module tree. The cache
+        is not refreshed by itself: call :meth:`forget_slots` after replacing a submodule or parameter
+        (:class:`~metadyn.meta.learner.MetaLearner` does at every meta-step)."""
         if self._slots is None:
             first: dict[int, str] = {}
             slots: dict[str, list[tuple[nn.Module, str]]] = {}

@@ -150,7 +150,12 @@ class MetaLearner(nn.Module):
         return self._runner[0]
 
     def _leaf_params(self) -> Params:
-        """The meta-learned network parameters, keyed as the runner names them (``net.<name>``)."""
+        """The meta-learned network parameters, keyed as the runner names them (``net.<name>``).
+
+        Read afresh from the module tree, so the runner's cached parameter slots are dropped too: a head or
+        block replaced between meta-steps is then the one that gets swapped and differentiated (one tree
+        walk per meta-step or prediction, instead of one per forward)."""
+        self.runner.forget_slots()
         return {n: p for n, p in self.runner.named_parameters() if p.requires_grad}
 
     def exit_paths(self, x: Tensor) -> dict[int, tuple[list[str], list[str]]]:

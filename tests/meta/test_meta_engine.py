@@ -252,3 +252,19 @@ def test_run_exits_equals_functional_call_with_tied_weights():
     for a, b in zip(g1, g2):
         assert a is None or torch.equal(a, b)
     assert "net.heads.1.fc.weight" not in params  # the tie is listed once, under its first name
+
+
+def test_a_head_replaced_between_meta_steps_is_the_one_meta_learned():
+    net = _conv()
+    batch = _episodes()
+    learner = _ours(net, batch, exits=[0])  # one meta-step caches the parameter slots
+    torch.manual_seed(1)
+    net.heads[0].fc = torch.nn.Linear(4, N).double()
+    learner.zero_grad()
+    learner(batch).backward()
+    got = [p.grad.clone() for p in net.parameters()]
+    fresh = _ours(net, batch, exits=[0])  # a learner built after the change
+    assert fresh is not learner
+    for a, p in zip(got, net.parameters()):
+        assert torch.equal(a, p.grad)
+    assert torch.count_nonzero(net.heads[0].fc.weight.grad) > 0
