@@ -1,5 +1,6 @@
 # make run  -> install, then run the embedded default task
 # make test -> install, then the test suite
+# make check-wheel -> build the wheel, install it (no -e) into a fresh venv, run metadyn outside the checkout
 # install = .venv + metadyn (editable) with the dev, vision and peers extras, and learn2learn 0.2.0
 # (scripts/install_peers.sh: its PyPI sdist needs re-cythonising on Python 3.11)
 PYTHON ?= python3
@@ -8,7 +9,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.metadyn-installed
 EXTRAS ?= dev,vision,peers
 
-.PHONY: install run test lint bench clean
+.PHONY: install run test lint bench check-wheel clean
 
 install: $(STAMP)
 
@@ -19,16 +20,20 @@ $(STAMP): pyproject.toml scripts/install_peers.sh
 	@touch $(STAMP)
 
 run: install
-	$(VENV)/bin/metadyn run tasks/digits_anytime.yaml
+	$(VENV)/bin/metadyn run digits_anytime
 
 test: install
 	$(VENV)/bin/pytest -q
 
 lint: install
-	$(VENV)/bin/ruff check metadyn tests benchmarks
+	$(VENV)/bin/ruff check metadyn tests
 
 bench: install
-	for b in inference skipping maml impressions; do $(VENV)/bin/metadyn bench $$b --json runs/bench_$$b.json; done
+	names=$$($(PY) -c 'from metadyn.registry import BENCHMARKS; print(*BENCHMARKS)') && \
+	for b in $$names; do $(VENV)/bin/metadyn bench $$b --json runs/bench_$$b.json || exit 1; done
+
+check-wheel: install
+	scripts/check_wheel.sh $(PY)
 
 clean:
 	rm -rf runs .pytest_cache .ruff_cache

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import re
 import types
 import typing
@@ -26,13 +27,80 @@ import yaml
 from metadyn.errors import InputError
 
 
+# --------------------------------------------------------------------------- declared checks
+
+
+@dataclass(frozen=True)
+class Check:
+    """Range and choice constraints of one config field, checked on every value (each element of a list)."""
+
+    ge: float | None = None
+    gt: float | None = None
+    le: float | None = None
+    lt: float | None = None
+    choices: Any = None  # a collection of names, or a callable returning one (e.g. a registry's names)
+    nonempty: bool = False
+    distinct: bool = False
+
+    def __call__(self, value: Any, key: str) -> None:
+        if isinstance(value, dict) and self.nonempty and not value:
+            raise InputError(f"'{key}' must not be empty")
+        if isinstance(value, list):
+            if self.nonempty and not value:
+                raise InputError(f"'{key}' must not be empty")
+            if self.distinct and len(set(map(repr, value))) != len(value):
+                raise InputError(f"'{key}' has repeated values: {value}")
+            for i, v in enumerate(value):
+                self(v, f"{key}[{i}]")
+            return
+        if value is None:
+            return
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            if isinstance(value, float) and not math.isfinite(value):
+                raise InputError(f"'{key}' must be a finite number, got {value}")
+            for bound, ok, sign in ((self.ge, lambda b: value >= b, ">="), (self.gt, lambda b: value > b, ">"),
+                                    (self.le, lambda b: value <= b, "<="), (self.lt, lambda b: value < b, "<")):
+                if bound is not None and not ok(bound):
+                    raise InputError(f"'{key}' must be {sign} {bound:g}, got {value}")
+        if self.choices is not None:
+            choices = self.choices() if callable(self.choices) else self.choices
+            if value not in choices:
+                close = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)
+                hint = f" (did you mean {close[0]!r}?)" if close else ""
+                raise InputError(f"unknown {key} {value!r}{hint}; choose from: {', '.join(map(str, choices))}")
+
+
+def spec(default: Any = dataclasses.MISSING, *, factory: Any = dataclasses.MISSING, doc: str = "",
+         **check: Any) -> Any:
+    """A config field with its constraints declared beside it: ``epochs: int = spec(30, ge=1)``,
+    ``optimizer: str = spec("sgd", choices=OPTIMIZERS)``, ``seeds: list[int] = spec(factory=..., nonempty=True)``.
+    :func:`validate` enforces them for every value, defaults included."""
+    return field(default=default, default_factory=factory, metadata={"check": Check(**check), "doc": doc})
+
+
+def validate(cfg: Any, prefix: str = "") -> Any:
+    """Check every declared constraint of the dataclass ``cfg`` (recursively); returns ``cfg``."""
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        key = f"{prefix}{f.name}"
+        if "check" in f.metadata:
+            f.metadata["check"](value, key)
+        if dataclasses.is_dataclass(value):
+            validate(value, f"{key}.")
+        elif isinstance(value, list):
+            for i, v in enumerate(value):
+                if dataclasses.is_dataclass(v):
+                    validate(v, f"{key}[{i}].")
+    return cfg
+
+
 @dataclass
 class TaskConfig:
     """Fields every task file has."""
 
     task: str = ""
     kind: str = "anytime"
-    seed: int = 0
+    seed: int = spec(0, ge=0)
     device: str = "auto"
     quick: dict = field(default_factory=dict)  # dotted-key overrides applied by --quick
 
@@ -43,8 +111,9 @@ _TYPE_NAMES = {int: "an integer", float: "a number", str: "a string", bool: "tru
                list: "a list"}
 
 
-def _check_value(value: Any, tp: Any, key: str) -> Any:
-    """Check ``value`` against the annotation ``tp``; return it converted (int -> float, list -> tuple)."""
+def _check_value(value: Any, tp: Any, key: str, default: Any = None) -> Any:
+    """Check ``value`` against the annotation ``tp``; return it converted (int -> float). A mapping for a
+    dataclass field is merged onto ``default`` (the field's default instance) when there is one."""
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
         args = typing.get_args(tp)
@@ -55,14 +124,15 @@ def _check_value(value: Any, tp: Any, key: str) -> Any:
             if a is type(None):
                 continue
             try:
-                return _check_value(value, a, key)
+                return _check_value(value, a, key, default)
             except InputError as e:
                 errors.append(e)
         raise errors[0]
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise InputError(f"'{key}' must be a mapping, got {type(value).__name__} {value!r}")
-        return from_dict(tp, value, prefix=f"{key}.")
+        base = default if isinstance(default, tp) else None
+        return from_dict(tp, value, prefix=f"{key}.", base=base)
     if origin in (list, tuple) or tp in (list, tuple):
         if not isinstance(value, list | tuple):
             raise InputError(f"'{key}' must be a list, got {type(value).__name__} {value!r}")
@@ -72,7 +142,11 @@ def _check_value(value: Any, tp: Any, key: str) -> Any:
     if origin is dict or tp is dict:
         if not isinstance(value, dict):
             raise InputError(f"'{key}' must be a mapping, got {type(value).__name__} {value!r}")
-        return dict(value)
+        args = typing.get_args(tp)
+        if not args:
+            return dict(value)
+        return {_check_value(k, args[0], f"{key} key {k!r}"): _check_value(v, args[1], f"{key}.{k}")
+                for k, v in value.items()}
     if tp is Any:
         return value
     if tp is float:
@@ -90,18 +164,32 @@ def _check_value(value: Any, tp: Any, key: str) -> Any:
     raise TypeError(f"unsupported annotation {tp!r} for {key}")  # a bug in a schema, not bad input
 
 
-def from_dict(cls: type, data: dict, prefix: str = "") -> Any:
-    """Build dataclass ``cls`` from ``data``, rejecting unknown keys and wrong types with the key's name."""
+def _field_default(f: dataclasses.Field) -> Any:
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return None
+
+
+def from_dict(cls: type, data: dict, prefix: str = "", base: Any = None) -> Any:
+    """Build dataclass ``cls`` from ``data``, rejecting unknown keys and wrong types with the key's name.
+
+    Keys not in ``data`` keep their defaults; a nested mapping updates the nested default rather than
+    replacing it (``hybrid: {epochs: 20}`` keeps the stage's own Adam defaults). ``base``: the instance
+    whose values are the defaults (default: ``cls``'s own).
+    """
     hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
+    fields = {f.name: f for f in dataclasses.fields(cls)}
     kwargs = {}
     for key, value in data.items():
-        if key not in names:
-            close = difflib.get_close_matches(str(key), names, n=1)
+        if key not in fields:
+            close = difflib.get_close_matches(str(key), fields, n=1)
             hint = f" (did you mean '{close[0]}'?)" if close else ""
             raise InputError(f"unknown key '{prefix}{key}'{hint}")
-        kwargs[key] = _check_value(value, hints[key], f"{prefix}{key}")
-    return cls(**kwargs)
+        default = getattr(base, key) if base is not None else _field_default(fields[key])
+        kwargs[key] = _check_value(value, hints[key], f"{prefix}{key}", default)
+    return dataclasses.replace(base, **kwargs) if base is not None else cls(**kwargs)
 
 
 def to_dict(cfg: Any) -> dict:
@@ -178,11 +266,35 @@ def set_dotted(data: dict, key: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
+TASKS_DIR = Path(__file__).resolve().parent / "tasks"  # the task files shipped with metadyn (package data)
+
+
+def task_names() -> list[str]:
+    """Names of the task files shipped with metadyn (``metadyn run NAME``)."""
+    return sorted(p.stem for p in TASKS_DIR.glob("*.yaml"))
+
+
+def find_task(task: str | Path) -> Path:
+    """A task file: ``task`` itself when it is an existing file (or looks like a path), else the shipped
+    task of that name (``digits_anytime`` -> ``metadyn/tasks/digits_anytime.yaml``)."""
+    path = Path(task)
+    if path.is_file() or path.suffix in (".yaml", ".yml") or len(path.parts) > 1:
+        return path
+    shipped = TASKS_DIR / f"{task}.yaml"
+    if shipped.is_file():
+        return shipped
+    close = difflib.get_close_matches(str(task), task_names(), n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    raise InputError(f"no task file {str(task)!r} and no shipped task of that name{hint}; "
+                     f"shipped: {', '.join(task_names())}")
+
+
 def load_task(path: str | Path, overrides: list[str] | tuple = (), quick: bool = False) -> TaskConfig:
-    """Read, override and validate a task file into its kind's config class."""
-    import metadyn.runner  # noqa: F401  (registers the task kinds)
+    """Read, override and validate a task file (a path, or the name of a shipped task) into its kind's
+    config class."""
     from metadyn.registry import TASK_KINDS
 
+    path = find_task(path)
     data = read_yaml(path)
     data.setdefault("task", Path(path).stem)
     kind_name = data.get("kind", "anytime")
@@ -197,7 +309,7 @@ def load_task(path: str | Path, overrides: list[str] | tuple = (), quick: bool =
             set_dotted(data, str(k), v)
     for text in overrides:
         set_dotted(data, *parse_override(text))
-    return from_dict(kind.config, data)
+    return validate(from_dict(kind.config, data))
 
 
 def checked_call(fn, options: dict, where: str, **fixed):

@@ -2,7 +2,7 @@ import pytest
 
 from metadyn.config import from_dict, load_task, parse_override, set_dotted
 from metadyn.errors import InputError
-from metadyn.runner.anytime import AnytimeConfig
+from metadyn.runner.kinds.anytime import AnytimeConfig
 
 TASK = """
 task: t
@@ -73,3 +73,33 @@ def test_overrides_parsing():
 def test_from_dict_nested_default():
     cfg = from_dict(AnytimeConfig, {})
     assert cfg.data.name == "digits" and cfg.model.backbone == "resnet"
+
+
+def test_nested_defaults_are_updated_not_replaced(tmp_path):
+    from metadyn.runner.kinds.skipping import SkipNetConfig
+
+    cfg = from_dict(SkipNetConfig, {"hybrid": {"epochs": 3}})
+    assert cfg.hybrid.epochs == 3 and cfg.hybrid.optimizer == "adam" and cfg.hybrid.weight_decay == 0.0
+    assert SkipNetConfig().hybrid.epochs == 10  # the default instance was not touched
+
+
+@pytest.mark.parametrize("text, message", [
+    ("train: {epochs: -1}", "'train.epochs' must be >= 0, got -1"),
+    ("train: {lr: .nan}", "'train.lr' must be a finite number"),
+    ("train: {schedule: linear}", "unknown train.schedule 'linear'"),
+    ("eval: {policy: margin}", "unknown eval.policy 'margin'"),
+    ("seed: -3", "'seed' must be >= 0"),
+])
+def test_declared_field_checks_name_the_key(tmp_path, text, message):
+    with pytest.raises(InputError) as e:
+        load_task(_write(tmp_path, TASK + text))
+    assert message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_every_shipped_task_validates():
+    from metadyn.config import task_names
+
+    assert len(task_names()) >= 20
+    for name in task_names():
+        load_task(name)
+        load_task(name, quick=True)

@@ -5,7 +5,6 @@ from metadyn.attention.detachable import (
     SOURCES,
     AttentionOutput,
     AttentiveExits,
-    FrozenInEval,
     LaterAttention,
     NotDeployableError,
     add_detachable,
@@ -17,6 +16,6 @@ from metadyn.attention.detachable import (
 )
 from metadyn.attention.maps import attention_map, attention_transfer
 
-__all__ = ["ATTENTION", "SOURCES", "AttentionOutput", "AttentiveExits", "FrozenInEval", "LaterAttention",
+__all__ = ["ATTENTION", "SOURCES", "AttentionOutput", "AttentiveExits", "LaterAttention",
            "NotDeployableError", "add_detachable", "attention_map", "attention_transfer", "detachable_loss",
            "exit_mflops", "prune_later", "prune_saturated", "transfer_distances"]

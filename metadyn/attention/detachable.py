@@ -23,9 +23,10 @@ the exit's own features, and the later-layer modules are pruned (removed from th
 Training recipe (two stages, both with :func:`~metadyn.core.train.fit`):
 
 1. train ``AttentiveExits(base, in_shape, "later")`` with exit-wise cross-entropy;
-2. ``add_detachable(model)``, then ``fit(model, loss=detachable_loss(beta))`` (the loss brings a callback
-   that keeps the frozen parts in eval mode, so BatchNorm statistics of the trunk do not drift);
-   then ``prune_later(model)`` and, optionally, :func:`prune_saturated`.
+2. ``add_detachable(model)`` (it freezes everything but the new modules and the early heads, with
+   :func:`~metadyn.core.freeze.freeze`: the frozen parts stay in eval mode, so BatchNorm statistics of the
+   trunk do not drift), then ``fit(model, loss=detachable_loss(beta))``; then ``prune_later(model)`` and,
+   optionally, :func:`prune_saturated`.
 
 References:
     Zhang et al., "SCAN: A Scalable Neural Networks Framework Towards Compact and Efficient Models",
@@ -46,11 +47,11 @@ from torch import Tensor, nn
 from metadyn.attention.maps import attention_transfer
 from metadyn.core.backbones.base import MultiExitNet
 from metadyn.core.flops import count_flops, exit_costs, probe
+from metadyn.core.freeze import freeze_untrainable
 from metadyn.core.heads import ScanAttention
 from metadyn.core.inference import collect_logits
 from metadyn.core.losses import exitwise_ce
 from metadyn.core.outputs import ExitOutput
-from metadyn.core.train import Callback
 from metadyn.errors import InputError
 
 ATTENTION = ("none", "own", "later")
@@ -251,7 +252,9 @@ def exit_mflops(model: AttentiveExits, in_shape) -> list[float]:
 
 def add_detachable(model: AttentiveExits, tune_heads: bool = True) -> AttentiveExits:
     """Stage 2 set-up (in place): a ScanAttention per early exit, driving the exits from now on, and
-    everything frozen except these modules (and, with ``tune_heads``, the early exits' heads).
+    everything frozen except these modules (and, with ``tune_heads``, the early exits' heads). The frozen
+    parts (:func:`~metadyn.core.freeze.freeze_untrainable`) stay in eval mode when ``fit`` puts the model in
+    train mode, so their BatchNorm statistics do not change.
 
     ``model`` must carry trained later-layer attention (``attention="later"``); it keeps computing the
     later-layer masks in ``forward`` (the attention-transfer targets) until :func:`prune_later`.
@@ -273,7 +276,7 @@ def add_detachable(model: AttentiveExits, tune_heads: bool = True) -> AttentiveE
     if tune_heads:
         for h in list(heads)[:-1]:
             h.requires_grad_(True)
-    return model
+    return freeze_untrainable(model)
 
 
 def prune_later(model: AttentiveExits) -> AttentiveExits:
@@ -285,16 +288,6 @@ def prune_later(model: AttentiveExits) -> AttentiveExits:
     return model
 
 
-class FrozenInEval(Callback):
-    """Keeps every module without a trainable parameter in eval mode during :func:`~metadyn.core.train.fit`
-    (which puts the whole model in train mode each epoch), so frozen BatchNorm layers keep their statistics."""
-
-    def on_epoch_start(self, state) -> None:
-        for m in state.model.modules():
-            if not any(p.requires_grad for p in m.parameters()):
-                m.eval()
-
-
 def detachable_loss(beta: float = 1.0, p: float = 2.0, weights: Sequence[float] | None = None):
     """Stage 2 loss: ``sum_k w_k CE(z_k, y) + beta/2 * sum_i AT(h_i * m_det(h_i), h_i * m_later(h_j))``.
 
@@ -302,7 +295,7 @@ def detachable_loss(beta: float = 1.0, p: float = 2.0, weights: Sequence[float] 
     detached) runs over the early exits' pairs of :class:`AttentionOutput` — the activations each exit's head
     reads under the detachable and under the later-layer mask; all samples count, labeled or not, while the
     CE uses the labeled ones (``y != -1``). ``beta = 0`` trains the detachable modules with CE alone (the
-    control). The loss carries ``callbacks(model) -> [FrozenInEval()]``.
+    control). The frozen parts are kept in eval mode by :func:`add_detachable`, not by the loss.
 
     References:
         Zagoruyko & Komodakis, ICLR 2017, Eq. 2 (``L = CE + beta/2 sum_j ||Q_S^j/||Q_S^j|| - Q_T^j/||Q_T^j|| ||_p``).
@@ -322,7 +315,6 @@ def detachable_loss(beta: float = 1.0, p: float = 2.0, weights: Sequence[float] 
             total = total + beta / 2 * torch.stack([attention_transfer(s, t, p) for s, t in pairs]).sum()
         return total
 
-    loss.callbacks = lambda model: [FrozenInEval()]
     return loss
 
 

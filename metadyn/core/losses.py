@@ -15,8 +15,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils._pytree import tree_leaves, tree_map
 
+from metadyn.core.callbacks import Callback
 from metadyn.core.outputs import ExitOutput
-from metadyn.core.train import Callback
 from metadyn.errors import InputError
 from metadyn.registry import METHODS
 
@@ -139,7 +139,8 @@ class GradientEquilibrium(Callback):
     As in the paper, every tensor of the State is rescaled; the released MSDNet code rescales only the
     coarsest scale (the one its classifiers read), which leaves the finer scales' gradients unscaled.
 
-    The stage of each parameter is found once, on the first batch (two samples, eval mode).
+    The stage of each parameter is found once, on the first batch (two samples, eval mode); it depends on the
+    model only, so a resumed run finds it again and the callback has no state to checkpoint.
 
     References:
         Li, Zhang, Qi, Yang & Huang, "Improved Techniques for Training Adaptive Deep Networks", ICCV 2019,

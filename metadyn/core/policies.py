@@ -257,6 +257,21 @@ def fit_thresholds_for_budget(scores: Tensor, costs: Sequence[float], budget: fl
 # --------------------------------------------------------------------------- budgeted evaluation
 
 
+def policy_for_budget(val_logits: Sequence[Tensor], costs: Sequence[float], budget: float,
+                      score: str = "confidence", temperatures: Sequence[float] | None = None) -> ThresholdPolicy:
+    """The :class:`ThresholdPolicy` whose thresholds, fitted on validation logits, spend at most ``budget``
+    FLOPs per sample there (MSDNet's budgeted batch classification, Huang et al., ICLR 2018, Sec. 3:
+    geometric exit distributions, bisection on ``p``). ``costs``: cumulative FLOPs of leaving at each exit.
+
+    Example::
+
+        policy = policy_for_budget(collect_logits(net, val_x), exit_costs(net, in_shape).cumulative, budget)
+        result = dynamic_exit(net, test_x, policy)
+    """
+    t = fit_thresholds_for_budget(policy_scores(val_logits, score, temperatures), costs, budget)
+    return ThresholdPolicy(t.tolist(), score, temperatures)
+
+
 def policy_scores(logits: Sequence[Tensor], score: str = "confidence",
                   temperatures: Sequence[float] | None = None) -> Tensor:
     """``(K, N)`` exit scores of every exit (after optional per-exit temperatures)."""

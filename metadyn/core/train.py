@@ -13,13 +13,14 @@ import os
 import random
 import tempfile
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from metadyn.core.callbacks import Callback, TrainState
+from metadyn.core.losses import ce_loss
 from metadyn.errors import InputError, NonFiniteLossError
 
 
@@ -73,33 +74,6 @@ def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict:
         raise InputError(f"checkpoint {str(path)!r} does not exist") from None
     except Exception as e:  # unpickling errors, truncated files
         raise InputError(f"checkpoint {str(path)!r} cannot be read safely: {type(e).__name__}") from None
-
-
-# --------------------------------------------------------------------------- callbacks
-
-
-@dataclass
-class TrainState:
-    """What callbacks see: the model, optimizer, position in training and the per-epoch history."""
-
-    model: nn.Module
-    optimizer: torch.optim.Optimizer
-    epoch: int = 0  # the epoch being run (0-based); after training, the number of epochs done
-    step: int = 0
-    batch: tuple[Tensor, Tensor] | None = None
-    loss: Tensor | None = None
-    history: list[dict] = field(default_factory=list)
-
-
-class Callback:
-    """Hooks called by :func:`fit`; override the ones you need. ``on_epoch_end`` may add keys to
-    ``state.history[-1]`` (e.g. a validation accuracy)."""
-
-    def on_train_start(self, state: TrainState) -> None: ...
-    def on_epoch_start(self, state: TrainState) -> None: ...
-    def on_after_backward(self, state: TrainState) -> None: ...
-    def on_batch_end(self, state: TrainState) -> None: ...
-    def on_epoch_end(self, state: TrainState) -> None: ...
 
 
 # --------------------------------------------------------------------------- the loop
@@ -162,7 +136,8 @@ def fit(
             ``views = V > 1`` receives ``V`` independently augmented copies of each batch stacked
             view-major, ``(V*B, ...)``, with the labels repeated.
         checkpoint: where to write the checkpoint after every epoch; if the file exists, training
-            resumes from it (its model, optimizer, schedule and history).
+            resumes from it (its model, optimizer, schedule, history and each callback's
+            :meth:`~metadyn.core.callbacks.Callback.state_dict`, restored before ``on_train_start``).
         progress: show a tqdm progress bar per epoch.
 
     Returns:
@@ -171,11 +146,7 @@ def fit(
     Raises:
         NonFiniteLossError: the loss became NaN or infinite; the last good checkpoint is kept.
     """
-    if loss is None:
-        from metadyn.core.losses import ce_loss  # losses.py imports this module (its callbacks are Callbacks)
-
-        loss = ce_loss()
-    loss_fn = loss
+    loss_fn = ce_loss() if loss is None else loss
     dev = pick_device(device)
     model.to(dev)
     # A loss may carry parameters of its own (an nn.Module: projection heads, attention modules); they
@@ -206,6 +177,7 @@ def fit(
         opt.load_state_dict(ck["optimizer"])
         sched.load_state_dict(ck["scheduler"])
         state.epoch, state.step, state.history = ck["epoch"], ck["step"], list(ck["history"])
+        _restore_callbacks(callbacks, ck.get("callbacks"), checkpoint)  # absent in checkpoints of older runs
 
     for cb in callbacks:
         cb.on_train_start(state)
@@ -260,8 +232,22 @@ def fit(
             save_checkpoint({"model": model.state_dict(), "optimizer": opt.state_dict(),
                              "loss": loss_mod.state_dict() if loss_mod is not None else {},
                              "scheduler": sched.state_dict(), "epoch": state.epoch, "step": state.step,
-                             "history": state.history}, checkpoint)
+                             "history": state.history, "callbacks": [cb.state_dict() for cb in callbacks]},
+                            checkpoint)
     return state
+
+
+def _restore_callbacks(callbacks: Sequence[Callback], saved: list[dict] | None, checkpoint) -> None:
+    """Give each callback the state it had when ``checkpoint`` was written (matched by position)."""
+    if saved is None:
+        return
+    if len(saved) != len(callbacks):
+        if not any(saved):  # nothing to restore (e.g. a run interrupted by a stateless callback)
+            return
+        raise InputError(f"checkpoint {str(checkpoint)!r} holds the state of {len(saved)} callbacks but this run "
+                         f"has {len(callbacks)}; resume with the callbacks it was written with")
+    for cb, sd in zip(callbacks, saved):
+        cb.load_state_dict(sd)
 
 
 def _check_finite(total: Tensor, epoch: int, batch: int, checkpoint) -> None:

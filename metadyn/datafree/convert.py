@@ -16,9 +16,10 @@ from torch import Tensor, nn
 
 from metadyn.core.backbones.attach import AttachedExits, HeadFactory, attach_exits
 from metadyn.core.backbones.base import MultiExitNet
+from metadyn.core.callbacks import TrainState
 from metadyn.core.losses import UNLABELED, distillation_loss, kd_loss
 from metadyn.core.outputs import ExitOutput
-from metadyn.core.train import TrainState, fit
+from metadyn.core.train import fit
 from metadyn.errors import InputError
 
 

@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from metadyn.core.backbones.attach.tracing import trace_graph
 from metadyn.core.train import pick_device
 from metadyn.data.augment import random_shift
 from metadyn.errors import InputError
@@ -44,11 +45,35 @@ DEFAULT_TAU = 1.0  # see SynthesisSettings.tau for how it was chosen
 # --------------------------------------------------------------------------- softmax-space model (pure)
 
 
-def final_layer_weight(model: nn.Module) -> Tensor:
-    """The ``(C, D)`` weight of the last ``nn.Linear`` registered in ``model`` (its classifier)."""
-    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+def final_layer_weight(model: nn.Module, example_input: Tensor | None = None) -> Tensor:
+    """The ``(C, D)`` weight of the last ``nn.Linear`` that ``model``'s forward runs (its classifier).
+
+    Execution order decides, not the order the layers were registered in: without ``example_input`` it is
+    read off ``model``'s ``torch.fx`` graph (nothing runs); with it, ``example_input`` is run once through
+    ``model`` (eval mode, no gradients; every module's mode is restored) with a forward hook on every
+    ``nn.Linear`` — for models fx cannot trace.
+    """
+    cls = type(model).__name__
+    if example_input is None:
+        graph, _ = trace_graph(model)
+        called = [model.get_submodule(n.target) for n in graph.nodes if n.op == "call_module"]
+        linears = [m for m in called if isinstance(m, nn.Linear)]
+    else:
+        linears = []
+        handles = [m.register_forward_hook(lambda mod, args, out: linears.append(mod))
+                   for m in model.modules() if isinstance(m, nn.Linear)]
+        modes = {m: m.training for m in model.modules()}
+        try:
+            model.eval()
+            with torch.no_grad():
+                model(example_input)
+        finally:
+            for h in handles:
+                h.remove()
+            for m, mode in modes.items():
+                m.training = mode
     if not linears:
-        raise InputError(f"{type(model).__name__} has no nn.Linear classifier to read class similarities from")
+        raise InputError(f"{cls} runs no nn.Linear classifier to read class similarities from")
     return linears[-1].weight
 
 
@@ -322,7 +347,7 @@ def synthesize_impressions(teacher: nn.Module, num: int, *, in_shape: Sequence[i
         in_shape: ``(C, H, W)`` of one input.
         settings: see :class:`SynthesisSettings`.
         seed: seeds targets, initial noise and augmentation (torch's global RNG state is restored).
-        similarity: the ``(K, K)`` class-similarity matrix; default from the teacher's last ``nn.Linear``.
+        similarity: the ``(K, K)`` class-similarity matrix; default from the last ``nn.Linear`` the teacher runs.
         device: where to optimise (``"auto"``: CUDA when available).
 
     References:
@@ -334,7 +359,12 @@ def synthesize_impressions(teacher: nn.Module, num: int, *, in_shape: Sequence[i
     if num < 1:
         raise InputError(f"number of impressions must be at least 1, got {num}")
     dev = pick_device(device)
-    sim = class_similarity(final_layer_weight(teacher)) if similarity is None else similarity.float()
+    if similarity is None:
+        p = next(teacher.parameters())
+        probe = torch.zeros((1, *in_shape), dtype=p.dtype, device=p.device)
+        sim = class_similarity(final_layer_weight(teacher, probe))
+    else:
+        sim = similarity.float()
     k = sim.shape[0]
     idx = torch.arange(num)
     classes = idx % k

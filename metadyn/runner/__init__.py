@@ -1,17 +1,18 @@
-"""``metadyn run``: task file in, results folder out.
+"""``metadyn run``: one experiment pipeline that every task kind fills in.
 
-Everything that can be checked is checked before the output folder is touched: the task file, the
-dataset, the model options. An existing run folder is only ever resumed (same resolved config) —
-never overwritten by a different run and never removed.
+The template (:func:`run_task`): validate the task file into the kind's config, **build** everything
+(data, model, method) with no side effect, create or check the output folder, **execute** (fit and
+evaluate, checkpoints under the folder), then write ``metrics.json`` (one schema for every kind, see
+:class:`~metadyn.runner.results.Results`), ``report.md`` and the plots. Everything that can be checked is
+checked before the output folder is touched; an existing run folder is only ever resumed (same resolved
+config), never overwritten by a different run and never removed.
+
+A task kind is a :class:`TaskKind` subclass registered in :data:`metadyn.registry.TASK_KINDS` from a
+module in :mod:`metadyn.runner.kinds` (one file per kind).
 """
 
 from __future__ import annotations
 
-import json
-import math
-import os
-import tempfile
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,43 +20,46 @@ from typing import Any
 import yaml
 
 from metadyn.config import TaskConfig, load_task, to_dict
+from metadyn.core.train import pick_device, seed_everything
 from metadyn.errors import InputError
 from metadyn.registry import TASK_KINDS
+from metadyn.runner.results import Results, atomic_write_text, json_text, settings
+
+__all__ = ["Context", "Results", "TaskKind", "atomic_write_text", "json_text", "prepare_out_dir", "run_task"]
 
 
 @dataclass
+class Context:
+    """Where a run writes (``out``), on what device, and whether it shows progress bars."""
+
+    out: Path
+    device: Any
+    progress: bool = True
+
+
 class TaskKind:
-    """A kind of experiment: its config schema and ``run(cfg, out_dir, prepare) -> metrics``.
+    """A kind of experiment. Subclasses set ``config`` (a :class:`~metadyn.config.TaskConfig` dataclass)
+    and implement :meth:`build`, :meth:`execute` and :meth:`report`; :meth:`plots` defaults to the
+    accuracy-vs-MFLOPs plot of every group."""
 
-    ``run`` must do all validation (data, model) first and call ``prepare()`` only then: ``prepare``
-    creates or checks the output folder.
-    """
+    config: type = TaskConfig
 
-    config: type
-    run: Callable[[Any, Path, Callable[[], None]], dict]
+    def build(self, cfg: Any, device) -> Any:
+        """Validate what the config schema cannot and build data, model and method; no side effects."""
+        raise NotImplementedError
 
+    def execute(self, cfg: Any, built: Any, ctx: Context) -> Results:
+        """Fit and evaluate (checkpoints under ``ctx.out``); returns the results."""
+        raise NotImplementedError
 
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write a text file through a temp file and a rename, so readers never see half a file."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    def report(self, cfg: Any, res: Results, metrics: dict) -> str:
+        """``report.md`` as a function of the results."""
+        raise NotImplementedError
 
+    def plots(self, cfg: Any, res: Results, out: Path) -> None:
+        from metadyn.runner.report import plot_groups
 
-def _finite(obj: Any) -> Any:
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {k: _finite(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [_finite(v) for v in obj]
-    return obj
-
-
-def json_text(obj: Any) -> str:
-    """Strict JSON (non-finite floats such as a last exit's ``-inf`` threshold become ``null``)."""
-    return json.dumps(_finite(obj), indent=2) + "\n"
+        plot_groups(out / "accuracy_vs_mflops.png", res.rows, res.curves, f"{cfg.task} (test)")
 
 
 def _first_difference(a: Any, b: Any, prefix: str = "") -> str | None:
@@ -99,31 +103,20 @@ def default_out_dir(cfg: TaskConfig, quick: bool) -> Path:
     return Path("runs") / (cfg.task + ("-quick" if quick else ""))
 
 
-def run_task(path: str | Path, overrides=(), quick: bool = False, out: str | Path | None = None,
+def run_task(task: str | Path, overrides=(), quick: bool = False, out: str | Path | None = None,
              progress: bool = True) -> tuple[Path, dict]:
-    """Run the task file ``path``; returns the output folder and the metrics written to ``metrics.json``."""
-    cfg = load_task(path, overrides, quick)
-    kind = TASK_KINDS.get(cfg.kind)
+    """Run a task (a task file's path, or the name of a shipped task); returns the output folder and the
+    metrics written to ``metrics.json``."""
+    cfg = load_task(task, overrides, quick)
+    kind: TaskKind = TASK_KINDS.get(cfg.kind)()
     out_dir = Path(out) if out is not None else default_out_dir(cfg, quick)
-    resolved = to_dict(cfg)
-
-    def prepare() -> None:
-        prepare_out_dir(out_dir, resolved)
-
-    metrics = kind.run(cfg, out_dir, prepare, progress=progress)
-    metrics = {"task": cfg.task, "kind": cfg.kind, **metrics}
+    seed_everything(cfg.seed)
+    device = pick_device(cfg.device)
+    built = kind.build(cfg, device)
+    prepare_out_dir(out_dir, to_dict(cfg))
+    res = kind.execute(cfg, built, Context(out_dir, device, progress))
+    metrics = {"task": cfg.task, "kind": cfg.kind, "seed": cfg.seed, "settings": settings(device), **res.to_json()}
+    kind.plots(cfg, res, out_dir)
+    atomic_write_text(out_dir / "report.md", kind.report(cfg, res, metrics))
     atomic_write_text(out_dir / "metrics.json", json_text(metrics))
     return out_dir, metrics
-
-
-def _register_kinds() -> None:
-    """Import every module of this package: each registers its task kind in TASK_KINDS."""
-    import importlib
-    import pkgutil
-
-    for mod in pkgutil.iter_modules(__path__):
-        if mod.name != "report":
-            importlib.import_module(f"{__name__}.{mod.name}")
-
-
-_register_kinds()

@@ -104,8 +104,7 @@ def test_stage_two_trains_only_the_detachable_modules_and_heads_and_pulls_attent
     x, y = _data()
     before = transfer_distances(m, x)
     loss = detachable_loss(beta=20.0)
-    state = fit(m, (x, y), loss=loss, epochs=20, batch_size=16, lr=0.01, device="cpu", progress=False,
-                callbacks=loss.callbacks(m))
+    state = fit(m, (x, y), loss=loss, epochs=20, batch_size=16, lr=0.01, device="cpu", progress=False)
     after = m.state_dict()
     assert all(torch.equal(v, after[k]) for k, v in frozen.items())  # trunk, BN statistics, later, final head
     assert any(not torch.equal(v, m.own.state_dict()[k]) for k, v in own0.items())

@@ -18,18 +18,22 @@ def run(tmp_path_factory):
 
 def test_attention_run_reports_every_variant(run):
     m = json.loads((run / "metrics.json").read_text())
-    v = m["extra"]["variants"]
-    assert list(v) == ["none", "own", "later", "detachable", "detachable_no_at"]
-    assert all(len(r["runs"]) == 1 and len(r["accuracy_mean"]) == 3 for r in v.values())
-    assert [r["deployable"] for r in v.values()] == [True, True, False, True, True]
+    variants = ["none", "own", "later", "detachable", "detachable_no_at"]
+    v = {g: [r for r in m["rows"] if r["group"] == g] for g in variants}
+    assert list(dict.fromkeys(r["group"] for r in m["rows"])) == variants
+    assert all(len(rows) == 3 and rows[0]["n"] == 1 for rows in v.values())
+    assert [rows[0]["deployable"] for rows in v.values()] == [True, True, False, True, True]
     static = m["extra"]["reference_full_mflops"]
-    assert v["later"]["mflops"][0] > static  # the later-layer masks need the final stage
-    assert v["detachable"]["mflops"] == v["own"]["mflops"]  # pruned: the same deployed modules as own
-    assert v["detachable"]["params"] == v["own"]["params"] < v["own"]["params"] + v["later"]["params"]
-    assert v["detachable"]["accuracy_mean"][-1] == v["later"]["accuracy_mean"][-1]  # final exit frozen in stage 2
-    assert all(c["mismatches"] == 0 for c in m["curve"]) and {c["variant"] for c in m["curve"]} <= set(v) - {"later"}
-    d = m["extra"]["transfer_distance"]
-    assert set(d) == {"init", "detachable", "detachable_no_at"} and all(0 <= x <= 2 for x in d["init"]["mean"])
+    mf = {g: [r["mflops"] for r in rows] for g, rows in v.items()}
+    assert mf["later"][0] > static  # the later-layer masks need the final stage
+    assert mf["detachable"] == mf["own"]  # pruned: the same deployed modules as own
+    p = m["extra"]["params"]
+    assert p["detachable"] == p["own"] < p["own"] + p["later"]
+    assert v["detachable"][-1]["accuracy"] == v["later"][-1]["accuracy"]  # final exit frozen in stage 2
+    assert all(b["mismatches"] == 0 for b in m["budgets"]) and {b["group"] for b in m["budgets"]} <= set(v) - {"later"}
+    d = m["extra"]["distance"]
+    assert set(d) == {"init", "detachable", "detachable_no_at"} and all(0 <= mu <= 2 for mu, _ in d["init"])
+    assert len(m["comparisons"]) == 5 * 2  # five pairs x two early exits
     report = (run / "report.md").read_text()
     for heading in ("Test accuracy % per exit", "Attention-transfer distance", "Early exit at", "Paired differences"):
         assert heading in report
@@ -41,8 +45,7 @@ def test_rerun_resumes_from_the_checkpoints(run, capsys):
     before = json.loads((run / "metrics.json").read_text())
     assert main(["run", str(ROOT / "tasks" / "attention_digits.yaml"), "--quick", "--out", str(run), *TINY]) == 0
     after = json.loads((run / "metrics.json").read_text())
-    assert after["extra"]["variants"]["detachable"]["accuracy_mean"] == \
-        before["extra"]["variants"]["detachable"]["accuracy_mean"]
+    assert after["rows"] == before["rows"]
 
 
 @pytest.mark.parametrize("override, word", [("attention.source=previous", "source"),

@@ -4,7 +4,7 @@ from pathlib import Path
 import torch
 
 from metadyn.cli import main
-from metadyn.runner.labelscarce import keep_labels
+from metadyn.runner.kinds.labelscarce import keep_labels
 
 TASK = Path(__file__).resolve().parents[2] / "tasks" / "labelscarce_digits.yaml"
 TINY = ["--no-progress", "--set", "train.epochs=1", "--set", "model.options={depth: 8, exits: [1, 2, 3], width: 4}"]
@@ -22,10 +22,12 @@ def test_labelscarce_quick_run(tmp_path):
     out = tmp_path / "ls"
     assert main(["run", str(TASK), "--quick", "--out", str(out), *TINY]) == 0
     m = json.loads((out / "metrics.json").read_text())
-    methods = {r["method"] for r in m["extra"]["results"]}
+    methods = {r["method"] for r in m["rows"]}
     assert {"CE only", "self-distillation", "BYOL-style", "SimSiam-style", "two views without consistency",
             "feature L2"} == methods
-    assert all(len(r["runs"]) == 1 and len(r["accuracy_mean"]) == 3 for r in m["extra"]["results"])
+    assert all(r["n"] == 1 and r["labels_per_class"] == 5 for r in m["rows"]) and len(m["rows"]) == 6 * 3
+    assert {c["against"] for c in m["comparisons"]} == {"CE only, 5 labels"}
+    assert all(c["verdict"] == "one unit: no test" for c in m["comparisons"])  # one seed
     assert "## 5 labels per class\n" in (out / "report.md").read_text()
     assert (out / "accuracy_vs_labels.png").exists()
 
@@ -39,10 +41,11 @@ def test_simsiam_without_augmentation_is_refused(tmp_path, capsys):
 def test_a_diverged_training_is_reported_not_fatal(tmp_path):
     out = tmp_path / "nan"
     code = main(["run", str(TASK), "--quick", "--out", str(out), *TINY, "--set", "train.lr=1e30",
-                 "--set", "methods=[{name: ce, label: CE}]", "--set", "labels_per_class=[1000]"])
+                 "--set", "methods={CE: {method: ce}}", "--set", "labels_per_class=[1000]"])
     assert code == 0
     m = json.loads((out / "metrics.json").read_text())
-    assert m["extra"]["results"][0]["diverged"] == 1 and m["extra"]["results"][0]["runs"] == [None]
+    (row,) = m["rows"]  # the only training diverged: nothing to average, and the row says so
+    assert row["accuracy"] is None and (row["n"], row["diverged"]) == (0, 1)
     text = (out / "report.md").read_text()
-    assert "diverged: 1 of 1 seeds" in text
+    assert "diverged: 1 of 1" in text
     assert "## 1000 labels per class (all: the train split has " in text  # no class has 1000 samples

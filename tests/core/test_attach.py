@@ -9,8 +9,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from metadyn.core.backbones.attach import AttachedExits, attach_exits
+from metadyn.core.backbones.attach import AttachedExits, CutPoint, attach_exits, list_cut_points
 from metadyn.core.backbones.base import index_state
+from metadyn.core.flops import exit_costs
 from metadyn.errors import InputError
 
 
@@ -306,3 +307,108 @@ def test_torchvision_resnet18():
         assert torch.equal(out.logits[-1], model(x))
     assert [lg.shape for lg in out.logits] == [(2, 10)] * 4
     assert out.features[-1].shape == (2, 512)
+
+
+# ----------------------------------------------------------------------------- train mode (freeze=False)
+
+
+class FunctionalDropout(nn.Module):
+    """Dropout written as a function of ``self.training``: only a train-mode trace contains it."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+        self.conv2 = nn.Conv2d(8, 8, 3, padding=1)
+        self.fc = nn.Linear(8, 5)
+
+    def forward(self, x):
+        h = F.dropout(F.relu(self.bn(self.conv(x))), 0.5, training=self.training)
+        h = self.conv2(h) * torch.tensor([2.0])
+        return self.fc(F.dropout(h.mean(dim=(2, 3)), 0.3, training=self.training))
+
+
+def test_a_trainable_trunk_runs_its_train_mode_graph_in_train_mode():
+    torch.manual_seed(0)
+    model = FunctionalDropout().eval()
+    torch.manual_seed(1)
+    attach(copy.deepcopy(model), at=["bn", "conv2"])
+    rng = torch.get_rng_state()  # after initialising the heads
+    torch.manual_seed(1)
+    net = attach(model, at=["bn", "conv2"], freeze=False)
+    assert torch.equal(torch.get_rng_state(), rng) and not model.training  # the train-mode run drew nothing
+    assert net.train_segments is not None
+    x = batch()
+    net.train()
+    torch.manual_seed(3)
+    out = net(x)
+    model.train()
+    torch.manual_seed(3)
+    ref = model(x)
+    assert torch.equal(out.logits[-1], ref)
+    net.eval()
+    with torch.no_grad():
+        assert not torch.equal(net(x).logits[-1], ref)  # eval: no dropout
+        assert torch.equal(net(x).logits[-1], model(x))
+        twin = copy.deepcopy(net).train()
+        torch.manual_seed(3)
+        assert torch.equal(twin(x).logits[-1], ref)
+    frozen = attach(FunctionalDropout().eval(), at=["bn"])  # frozen: the trunk always runs in eval mode
+    assert frozen.train_segments is None
+    assert attach(tiny(), freeze=False).train_segments is None  # one graph serves both modes
+
+
+class TrainOnlyPool(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.conv2 = nn.Conv2d(4, 4, 3, padding=1)
+        self.fc = nn.Linear(4, 2)
+
+    def forward(self, x):
+        h = self.conv(x)
+        if self.training:
+            h = F.avg_pool2d(h, 2)
+        return self.fc(self.conv2(h).mean(dim=(2, 3)))
+
+
+class TrainTwice(TrainOnlyPool):
+    def forward(self, x):
+        h = self.conv2(self.conv(x))
+        if self.training:
+            h = self.conv2(h)
+        return self.fc(h.mean(dim=(2, 3)))
+
+
+def test_a_train_mode_graph_that_cuts_differently_is_refused():
+    with pytest.raises(InputError, match=r"train and eval mode .*'conv2' returns \[1, 4, 4, 4\], not \[1, 4, 8, 8\]"):
+        attach(TrainOnlyPool(), at=["conv2"], freeze=False)
+    assert attach(TrainOnlyPool(), at=["conv2"]).num_exits == 2  # frozen: eval mode only, fine
+    with pytest.raises(InputError, match="train-mode graph too: 'conv2' is called 2 times"):
+        attach(TrainTwice(), at=["conv2"], freeze=False)
+
+
+# ----------------------------------------------------------------------------- cut points
+
+
+def test_list_cut_points_in_execution_order_with_shapes_and_cumulative_flops():
+    model = tiny()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    cuts = list_cut_points(model, batch(4))
+    names = [c.name for c in cuts]
+    assert all(isinstance(c, CutPoint) for c in cuts)
+    assert names[:4] == ["stem.0", "stem.1", "stem", "stem.2"]  # same activation: the container first
+    assert names.index("layer1") < names.index("down.0") < names.index("layer2.conv1") < names.index("layer2")
+    assert "layer1.relu" not in names and "unused" not in names and "fc" not in names  # twice, never, the output
+    shape = {c.name: c.shape for c in cuts}
+    assert shape["layer1"] == (8, 8, 8) and shape["down"] == (16, 4, 4)
+    flops = [c.flops for c in cuts]
+    assert flops == sorted(flops) and flops[0] > 0
+    for c in cuts:
+        if c.name not in ("stem", "down"):
+            attach(model, at=[c.name])  # every listed name is accepted
+    at = ["layer1.conv1", "layer1", "down.1", "layer2"]
+    costs = exit_costs(attach(model, at=at), (3, 8, 8))
+    by_name = {c.name: c.flops for c in cuts}
+    assert [by_name[n] for n in at] == [costs.stem + sum(costs.stages[: i + 1]) for i in range(len(at))]
+    assert not model.training and all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())

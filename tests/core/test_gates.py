@@ -1,10 +1,13 @@
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from metadyn.core.backbones.resnet import resnet_exits, tiny_resnet_exits
 from metadyn.core.flops import exit_costs
-from metadyn.core.gates import (
+from metadyn.core.gating import (
     BlockDropNet,
     Curriculum,
     GatedOutput,
@@ -19,12 +22,15 @@ from metadyn.core.gates import (
     gated_costs,
     policy_counts,
     reinforce_loss,
+    skip_block,
     skipnet_loss,
     skipnet_returns,
 )
-from metadyn.core.inference import prepare_for_inference, skip_block
-from metadyn.core.train import fit
+from metadyn.core.inference import prepare_for_inference
+from metadyn.core.outputs import ExitOutput
+from metadyn.core.train import fit, load_checkpoint
 from metadyn.errors import InputError
+from metadyn.registry import METHODS
 
 # ----------------------------------------------------------------------------- rewards and losses (hand-computed)
 
@@ -296,7 +302,7 @@ def test_bad_input():
     bb = tiny_resnet_exits()
     with pytest.raises(InputError, match="unknown gate 'lstm'"):
         GatedResNet(bb, gate="lstm")
-    with pytest.raises(InputError, match="ResNetExits"):
+    with pytest.raises(InputError, match="Linear cannot be gated, it lacks stem, exit, num_exits"):
         GatedResNet(torch.nn.Linear(2, 2))
     net = GatedResNet(bb)
     with pytest.raises(InputError, match="unknown gate mode"):
@@ -308,3 +314,98 @@ def test_bad_input():
         bd.mode = "relaxed"
     with pytest.raises(InputError, match="alpha"):
         BlockDropNet(bb, PolicyNet((1, 8, 8), 3), alpha=0.2)
+
+
+# ----------------------------------------------------------------------------- the gated-backbone contract
+
+
+class Residual(nn.Module):
+    def __init__(self, c: int, shortcut: bool = True):
+        super().__init__()
+        self.in_channels = c
+        self.body = nn.Conv2d(c, c, 3, padding=1)
+        if shortcut:
+            self.shortcut = nn.Identity()
+
+    def forward(self, x):
+        return x + self.body(x)
+
+
+class Plain(nn.Module):
+    """Not a ResNetExits: a stem, residual blocks and a head, as the contract asks."""
+
+    num_exits = 1
+
+    def __init__(self, shortcut: bool = True):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 3, padding=1)
+        self.blocks = nn.ModuleList(Residual(4, shortcut) for _ in range(3))
+        self.fc = nn.Linear(4, 5)
+
+    def stem(self, x):
+        return self.conv(x)
+
+    def exit(self, i, h):
+        f = h.mean(dim=(2, 3))
+        return self.fc(f), f
+
+    def forward(self, x):
+        h = self.stem(x)
+        for b in self.blocks:
+            h = b(h)
+        return self.exit(0, h)[0]
+
+
+def test_any_network_with_the_contract_can_be_gated():
+    torch.manual_seed(0)
+    bb = Plain().eval()
+    net = GatedResNet(bb).eval()
+    x = torch.randn(6, 1, 8, 8)
+    with torch.no_grad():
+        for fc in net.gate.fcs:
+            fc.bias.fill_(50.0)
+        assert torch.equal(net(x).logits, bb(x))  # always on: the backbone
+        for fc in net.gate.fcs:
+            fc.bias.fill_(-50.0)
+        skipped = net(x)
+        assert (skipped.actions == 0).all() and torch.equal(skipped.logits, bb.exit(0, bb.stem(x))[0])
+    bd = BlockDropNet(bb, PolicyNet((1, 8, 8), 3, width=4))
+    assert bd.run_policy(x, torch.ones(6, 3)).shape == (6, 5)
+    costs = gated_costs(net, (1, 8, 8))
+    assert len(costs.blocks) == 3 and costs.blocks[0] > 0
+    with pytest.raises(InputError, match=r"Plain cannot be gated, it lacks blocks\[0\].shortcut"):
+        GatedResNet(Plain(shortcut=False))
+
+
+def test_the_losses_are_registered_methods():
+    assert METHODS.get("skipnet") is skipnet_loss and METHODS.get("blockdrop") is blockdrop_loss
+    out = ExitOutput([torch.zeros(2, 3)], [torch.zeros(2, 3)])
+    with pytest.raises(InputError, match="GatedResNet"):
+        METHODS.get("skipnet")(alpha=0.2)(out, torch.zeros(2, dtype=torch.long))
+    with pytest.raises(InputError, match="BlockDropNet"):
+        METHODS.get("blockdrop")(gamma=1.0, joint=True)(out, torch.zeros(2, dtype=torch.long))
+
+
+def test_frozen_backbone_stays_frozen_in_a_copy_and_thaws():
+    net = _blockdrop()
+    net.freeze_backbone()
+    twin = copy.deepcopy(net).train()
+    assert twin.frozen and not twin.backbone.training and twin.policy.training
+    net.freeze_backbone(False)
+    assert not net.frozen and all(p.requires_grad for p in net.backbone.parameters())
+    net.train()
+    assert net.backbone.training
+
+
+def test_curriculum_state_is_restored_on_resume(tmp_path):
+    x, y = torch.randn(32, 1, 8, 8, dtype=torch.float64), torch.randint(0, 5, (32,))
+    ck = tmp_path / "curriculum.pt"
+    runs = []
+    for _ in range(2):  # the second run finds the finished checkpoint: no epoch runs, the state comes back
+        net = _blockdrop().freeze_backbone()
+        net.mode = "sample"
+        fit(net, (x, y), loss=blockdrop_loss(1.0), epochs=2, batch_size=16, lr=1e-3, optimizer="adam", device="cpu",
+            callbacks=[Curriculum(net)], checkpoint=ck, progress=False)
+        runs.append(net.learn_last)
+    assert runs == [2, 2]
+    assert load_checkpoint(ck)["callbacks"] == [{"learn_last": 2}]

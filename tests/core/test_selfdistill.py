@@ -10,6 +10,7 @@ from torch.utils._pytree import tree_map
 
 from metadyn.core.backbones.msdnet import tiny_msdnet
 from metadyn.core.backbones.resnet import tiny_resnet_exits
+from metadyn.core.callbacks import TrainState
 from metadyn.core.losses import (
     GradientEquilibrium,
     _stage_params,
@@ -19,7 +20,7 @@ from metadyn.core.losses import (
     imta_loss,
 )
 from metadyn.core.outputs import ExitOutput
-from metadyn.core.train import TrainState, fit
+from metadyn.core.train import fit
 from metadyn.errors import InputError
 from metadyn.registry import METHODS
 

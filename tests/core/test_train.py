@@ -2,8 +2,9 @@ import pytest
 import torch
 
 from metadyn.core.backbones.mlp import tiny_mlp_exits
+from metadyn.core.callbacks import Callback
 from metadyn.core.losses import ce_loss
-from metadyn.core.train import Callback, fit, load_checkpoint, save_checkpoint
+from metadyn.core.train import fit, load_checkpoint, save_checkpoint
 from metadyn.errors import InputError, NonFiniteLossError
 
 
@@ -121,3 +122,75 @@ def test_zero_epochs_trains_nothing():
     before = _params(m).clone()
     state = fit(m, (x, y), epochs=0, device="cpu", progress=False)
     assert state.history == [] and torch.equal(_params(m), before)
+
+
+class Counter(Callback):
+    """A callback with state: how many batches it has seen."""
+
+    def __init__(self):
+        self.seen = 0
+        self.at_start = None
+
+    def on_train_start(self, state):
+        self.at_start = self.seen  # what was restored before training (re)starts
+
+    def on_batch_end(self, state):
+        self.seen += 1
+
+    def state_dict(self):
+        return {"seen": self.seen}
+
+    def load_state_dict(self, d):
+        self.seen = d["seen"]
+
+
+def test_callback_state_is_checkpointed_and_restored_before_train_start(tmp_path):
+    x, y = _data()  # 96 samples: 6 batches of 16 per epoch
+    ck = tmp_path / "checkpoint.pt"
+    first = Counter()
+    with pytest.raises(KeyboardInterrupt):
+        fit(tiny_mlp_exits(num_classes=4), (x, y), epochs=3, batch_size=16, device="cpu", progress=False,
+            checkpoint=ck, callbacks=[first, Interrupt(2)])
+    assert load_checkpoint(ck)["callbacks"] == [{"seen": 12}, {}]
+    resumed = Counter()
+    fit(tiny_mlp_exits(num_classes=4), (x, y), epochs=3, batch_size=16, device="cpu", progress=False,
+        checkpoint=ck, callbacks=[resumed, Interrupt(99)])
+    assert resumed.at_start == 12 and resumed.seen == 18  # as if never interrupted
+    with pytest.raises(InputError, match="state of 2 callbacks but this run has 1"):
+        fit(tiny_mlp_exits(num_classes=4), (x, y), epochs=3, batch_size=16, device="cpu", progress=False,
+            checkpoint=ck, callbacks=[Counter()])
+
+
+def test_a_checkpoint_without_callback_state_still_resumes(tmp_path):
+    x, y = _data()
+    torch.manual_seed(1)
+    init = tiny_mlp_exits(num_classes=4).state_dict()
+    straight = tiny_mlp_exits(num_classes=4)
+    straight.load_state_dict(init)
+    fit(straight, (x, y), epochs=3, batch_size=16, device="cpu", progress=False, seed=3)
+
+    ck = tmp_path / "checkpoint.pt"
+    m = tiny_mlp_exits(num_classes=4)
+    m.load_state_dict(init)
+    with pytest.raises(KeyboardInterrupt):
+        fit(m, (x, y), epochs=3, batch_size=16, device="cpu", progress=False, seed=3, checkpoint=ck,
+            callbacks=[Interrupt(2)])
+    old = load_checkpoint(ck)
+    del old["callbacks"]  # as written before callbacks had state
+    save_checkpoint(old, ck)
+    counter = Counter()
+    resumed = tiny_mlp_exits(num_classes=4)
+    fit(resumed, (x, y), epochs=3, batch_size=16, device="cpu", progress=False, seed=3, checkpoint=ck,
+        callbacks=[counter])
+    assert torch.equal(_params(resumed), _params(straight))
+    assert counter.at_start == 0 and counter.seen == 6  # nothing to restore: the callback starts fresh
+
+
+def test_losses_and_callbacks_do_not_import_the_training_loop():
+    import subprocess
+    import sys
+
+    code = ("import sys, metadyn.core.losses, metadyn.core.callbacks, metadyn.core.gating\n"
+            "print('metadyn.core.train' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    assert out == "False"

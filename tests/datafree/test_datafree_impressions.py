@@ -55,6 +55,28 @@ def test_similarity_of_a_trained_teacher(teacher):
         final_layer_weight(nn.Conv2d(1, 2, 3))
 
 
+class ClassifierFirst(nn.Module):
+    """The classifier is registered before the layer that feeds it, and the data branch ends in a Linear
+    that is never run."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(8, 3)
+        self.embed = nn.Linear(4, 8)
+        self.spare = nn.Linear(3, 2)
+
+    def forward(self, x):
+        return self.fc(self.embed(x).relu())
+
+
+def test_final_layer_weight_is_the_last_linear_executed_not_registered():
+    torch.manual_seed(0)
+    model = ClassifierFirst().train()
+    assert final_layer_weight(model) is model.fc.weight  # from the fx graph
+    assert final_layer_weight(model, torch.zeros(1, 4)) is model.fc.weight  # from hooks on a run
+    assert model.training and not model.fc._forward_hooks and not hasattr(model, "_tensor_constant0")
+
+
 @pytest.mark.parametrize("beta", [1.0, 0.1])
 def test_dirichlet_sample_means_match_alpha_over_sum(beta):
     sim = class_similarity(torch.randn(5, 8))

@@ -161,8 +161,11 @@ def test_fewshot_task_runs_quick_and_refuses_bad_input(tmp_path):
     sets = ["episodes.n_query=2", "data.options.samples_per_class=3", "eval.test_episodes=3", "eval.val_episodes=2",
             "model.options.width=4", "eval.baselines=[final_exit, protonet]"]
     out, metrics = run_task("tasks/fewshot_glyphs_5w1s.yaml", sets, quick=True, out=tmp_path / "run", progress=False)
-    assert [e["exit"] for e in metrics["exits"]] == [0, 1, 2, 3]
-    assert set(metrics["extra"]["methods"]) == {"exits", "final_exit", "protonet"}
+    assert [r["exit"] for r in metrics["rows"] if r["group"] == "exits"] == [0, 1, 2, 3]
+    assert list(dict.fromkeys(r["group"] for r in metrics["rows"])) == ["exits", "final_exit", "protonet"]
+    assert all(r["ci95"] >= 0 for r in metrics["rows"])
+    comps = metrics["comparisons"]
+    assert {(c["against"], c["n"]) for c in comps} == {("final_exit", 3), ("protonet", 3)}  # paired by episode
     assert (out / "report.md").is_file() and (out / "accuracy_vs_mflops.png").is_file()
     assert json.loads((out / "metrics.json").read_text())["kind"] == "fewshot"
     for bad, msg in (("meta.algorithm=reptile", "unknown meta-learning algorithm"),

@@ -30,13 +30,26 @@ def test_run_writes_results_folder(quick_run):
             "exit_histogram.png", "reliability.png"} <= names
     m = json.loads((quick_run / "metrics.json").read_text())
     assert m["task"] == "digits_anytime" and m["kind"] == "anytime" and m["dataset"] == "digits"
-    assert m["seed"] == 0 and m["device"] == "cpu"
-    assert len(m["exits"]) == 3 and {"exit", "accuracy", "mflops", "ece"} <= set(m["exits"][0])
-    assert [e["mflops"] for e in m["exits"]] == sorted(e["mflops"] for e in m["exits"])
-    assert m["curve"] and {"mflops", "accuracy"} <= set(m["curve"][0])
-    assert m["extra"]["operating_point"]["dynamic_vs_picked_mismatches"] == 0
+    assert m["seed"] == 0 and m["settings"]["device"] == "cpu" and m["settings"]["threads"] >= 1
+    rows = m["rows"]
+    assert [r["exit"] for r in rows] == [0, 1, 2] and {r["group"] for r in rows} == {"model"}
+    assert {"accuracy", "mflops", "ece", "ece_calibrated", "temperature"} <= set(rows[0])
+    assert [r["mflops"] for r in rows] == sorted(r["mflops"] for r in rows)
+    assert m["curves"] and {"group", "mflops", "accuracy"} <= set(m["curves"][0])
+    assert [b["budget_fraction"] for b in m["budgets"]] == [0.25, 0.5, 0.75]
+    assert m["extra"]["operating_point"]["mismatches"] == 0
     report = (quick_run / "report.md").read_text()
-    assert "| exit | MFLOPs" in report and "Budgeted batch classification" in report
+    assert "| `model` |" in report and "Budgeted batch classification" in report
+
+
+def test_run_by_shipped_name_equals_run_by_path(quick_run, tmp_path, capsys):
+    out = tmp_path / "by_name"
+    assert main(["run", "digits_anytime", "--quick", "--out", str(out), *FAST]) == 0
+    summary = capsys.readouterr().out
+    assert "model: exit 0" in summary and "exit 2" in summary  # the labeled closing summary
+    same = ("rows", "budgets", "curves")
+    a, b = (json.loads((d / "metrics.json").read_text()) for d in (quick_run, out))
+    assert {k: a[k] for k in same} == {k: b[k] for k in same}
 
 
 def test_rerun_same_config_resumes_without_retraining(quick_run, capsys):
@@ -54,6 +67,10 @@ BAD = [
     (["--set", "data.name=folder", "--set", "data.root=/nonexistent/omniglot"], "/nonexistent/omniglot"),
     (["--set", "data.name=cifar10"], "root"),
     (["--set", "train.epochs=5"], "holds a run with a different config (train.epochs: 1 -> 5)"),
+    (["--set", "train.lr=-0.1"], "'train.lr' must be > 0, got -0.1"),
+    (["--set", "train.optimizer=lbfgs"], "unknown train.optimizer 'lbfgs'"),
+    (["--set", "eval.ece_bins=0"], "'eval.ece_bins' must be >= 1"),
+    (["--set", "data.test_fraction=1.5"], "'data.test_fraction' must be < 1"),
 ]
 
 

@@ -6,8 +6,8 @@ import torch
 
 from metadyn.cli import main
 from metadyn.core.flops import ExitCosts
-from metadyn.runner.anytime import Evaluation
-from metadyn.runner.compare import CompareConfig, compare_method
+from metadyn.runner.evaluate import ExitEval, budget_sweep, holm, paired
+from metadyn.runner.kinds.compare import GASpec, _ga_point
 
 ROOT = Path(__file__).resolve().parents[2]
 TASK = ROOT / "tasks" / "compare_digits.yaml"
@@ -29,25 +29,27 @@ def test_compare_writes_one_side_by_side_report(run):
     m = json.loads((run / "metrics.json").read_text())
     names = ["ce", "imta", "byot", "scan", "msdnet"]
     assert m["kind"] == "compare" and list(m["extra"]["methods"]) == names
-    assert {x["method"] for x in m["exits"]} == set(names) and len([x for x in m["exits"] if x["method"] == "ce"]) == 3
-    assert {"geometric", "ga"} == {c["thresholds"] for c in m["curve"]}
+    assert list(dict.fromkeys(r["group"] for r in m["rows"])) == names
+    assert len([r for r in m["rows"] if r["group"] == "ce"]) == 3
+    assert {c["group"] for c in m["curves"]} == set(names) | {f"{n} (GA)" for n in names}
     ref_full = m["extra"]["reference_full_mflops"]
-    for name, r in m["extra"]["methods"].items():
+    for name in names:
         assert (run / name / "checkpoint.pt").exists()
-        assert [b["budget_fraction"] for b in r["budgets"]] == [0.25, 0.5, 0.75]
-        for b in r["budgets"]:
+        geo = [b for b in m["budgets"] if b["group"] == name]
+        assert [b["budget_fraction"] for b in geo] == [0.25, 0.5, 0.75]
+        for b in geo:
             assert b["budget_mflops"] == pytest.approx(b["budget_fraction"] * ref_full)
-            for kind in ("geometric", "ga"):
-                p = b[kind]
-                if p is not None and p["accuracy"] is not None:  # thresholds never overspend on val
-                    assert p["val_mflops"] <= b["budget_mflops"] * (1 + 1e-9)
+        for b in m["budgets"]:
+            if b["group"] == f"{name} (GA)":  # GA thresholds never overspend on val
+                assert b["val_mflops"] <= b["budget_fraction"] * ref_full * (1 + 1e-9)
     assert m["extra"]["methods"]["scan"]["params"] > m["extra"]["methods"]["byot"]["params"]  # attention modules
     report = (run / "report.md").read_text()
     for heading in ("Anytime prediction", "Budgeted batch classification", "Calibration", "Against the reference"):
         assert heading in report
-    assert "| scan |" in report and (run / "accuracy_vs_mflops.png").stat().st_size > 0
-    vs = m["extra"]["methods"]["imta"]["vs_reference"]["final exit"]
-    assert vs["se"] >= 0 and "ce" not in m["extra"]["methods"]["ce"].get("vs_reference", {})
+    assert "| `scan` |" in report and (run / "accuracy_vs_mflops.png").stat().st_size > 0
+    comps = m["comparisons"]
+    assert {c["group"] for c in comps} == set(names) - {"ce"} and {c["against"] for c in comps} == {"ce"}
+    assert all(c["n"] == m["extra"]["splits"]["test"] and 0 <= c["p"] <= c["p_holm"] <= 1 for c in comps)
 
 
 def test_rerun_resumes_every_method(run):
@@ -60,9 +62,10 @@ def test_rerun_resumes_every_method(run):
     (["--set", "methods.ce.method=cee"], "unknown method 'cee'"),
     (["--set", "methods.ce.methd=ce"], "unknown key 'methods.ce.methd'"),
     (["--set", "methods.byot.model.options.backbone=resnett"], "unknown backbone 'resnett'"),
-    (["--set", "train.method=imta"], "set each entry's method in 'methods'"),
-    (["--set", "methods={}"], "at least one method"),
-    (["--set", "ga.population=2"], "population >= 4"),
+    (["--set", "train.method=imta"], "unknown key 'train.method'"),
+    (["--set", "methods={}"], "'methods' must not be empty"),
+    (["--set", "ga.population=2"], "'ga.population' must be >= 4"),
+    (["--set", "methods={a/b: {method: ce}}"], "folder-safe"),
 ])
 def test_bad_input_is_one_line_and_creates_nothing(tmp_path, capsys, args, message):
     out = tmp_path / "bad"
@@ -76,7 +79,6 @@ def test_thresholds_never_see_the_test_split():
     g = torch.Generator().manual_seed(0)
     k, c = 3, 4
     val = [torch.randn(60, c, generator=g) * (i + 1) for i in range(k)]
-    calib = [torch.randn(50, c, generator=g) for _ in range(k)]
     costs = ExitCosts(stem=0, stages=[100, 100, 100], heads=[10, 10, 10])
 
     class Split:
@@ -85,28 +87,32 @@ def test_thresholds_never_see_the_test_split():
 
     data = type("D", (), {"val": Split(torch.randint(0, c, (60,), generator=g)),
                           "test": Split(torch.randint(0, c, (70,), generator=g))})
-    cfg = CompareConfig()
-    cfg.ga.generations, cfg.ga.curve_points = 5, 2
-    budgets = [0.4 * costs.full, 0.7 * costs.full]
 
     def thresholds(test_logits):
-        ev = Evaluation(val, calib, test_logits, [1.0] * k, costs, [])
-        res = compare_method("x", ev, data, budgets, cfg)
-        return [(b["geometric"]["thresholds"], b["ga"]["thresholds"]) for b in res["budgets"]]
+        e = ExitEval(val, None, test_logits, [1.0] * k, costs, [])
+        curve, budgets = budget_sweep(e, data.test.y, "confidence", "x", fractions=(0.4, 0.7))
+        ga = [_ga_point(e, data, b["budget_mflops"] * 1e6, "confidence", GASpec(generations=5), 0)["thresholds"]
+              for b in budgets]
+        return [c["thresholds"] for c in curve], [b["thresholds"] for b in budgets], ga
 
     a = thresholds([torch.randn(70, c, generator=g) for _ in range(k)])
     b = thresholds([torch.randn(70, c, generator=g) * 5 for _ in range(k)])
     assert a == b
 
 
-def test_paired_difference_by_hand():
-    from metadyn.runner.compare import paired_difference
+def test_paired_test_and_holm_by_hand():
+    d = [0, -1, 1, 1, 0, 0, 0, 0]  # per-sample differences: one lost, two gained
+    r = paired(d)
+    mean = 1 / 8
+    sd = (sum((x - mean) ** 2 for x in d) / 7) ** 0.5
+    assert r["difference"] == pytest.approx(mean) and r["se"] == pytest.approx(sd / 8 ** 0.5) and r["n"] == 8
+    from scipy.stats import ttest_1samp
 
-    ref = torch.tensor([1, 1, 0, 0, 1, 1, 1, 1], dtype=torch.bool)
-    new = torch.tensor([1, 0, 1, 1, 1, 1, 1, 1], dtype=torch.bool)  # one lost, two gained
-    r = paired_difference(ref, new)
-    d = (2 - 1) / 8  # per-sample differences: 0, -1, +1, +1, 0, 0, 0, 0
-    var = (3 / 8) - d * d
-    assert r["difference"] == pytest.approx(d) and r["se"] == pytest.approx((var / 8) ** 0.5)
-    assert (r["gained"], r["lost"]) == (2, 1)
-    assert paired_difference(ref, ref)["se"] == 0.0
+    assert r["p"] == pytest.approx(ttest_1samp(d, 0).pvalue)
+    assert paired([0.0, 0.0])["p"] == 1.0 and paired([0.3])["p"] is None
+    # Holm: p sorted 0.01 < 0.02 < 0.04 with m = 3 -> 0.03, 0.04, 0.04 (monotone)
+    comps = holm([{"difference": x, "p": p} for x, p in ((1, 0.04), (-1, 0.01), (1, 0.02))])
+    assert [c["p_holm"] for c in comps] == pytest.approx([0.04, 0.03, 0.04])
+    assert [c["verdict"] for c in comps] == ["better", "worse", "better"]
+    assert holm([{"difference": 1, "p": 0.03}, {"difference": 1, "p": 0.5}])[0]["verdict"] == \
+        "no significant difference"  # 2 x 0.03 > 0.05

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from metadyn.cli import main
-from metadyn.runner.skipping import select_point
+from metadyn.runner.kinds.skipping import select_point
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = ["--set", "model.depth=8", "--set", "model.width=4", "--set", "pretrain.epochs=1", "--no-progress",
@@ -38,12 +38,14 @@ def _check_metrics(folder: Path, kind: str, knob: str, values: list[float]) -> d
     assert {"metrics.json", "report.md", "config.yaml", "checkpoint.pt", "checkpoint_resnet.pt",
             "accuracy_vs_mflops.png", "block_usage.png"} <= names
     m = json.loads((folder / "metrics.json").read_text())
-    assert m["kind"] == kind and m["dataset"] == "glyphs" and m["device"] == "cpu"
+    assert m["kind"] == kind and m["dataset"] == "glyphs" and m["settings"]["device"] == "cpu"
     e = m["extra"]
-    assert e["knob"] == knob and [p[knob] for p in e["sweep"]] == values
-    assert e["chosen"] in e["sweep"] and m["exits"][0][knob] == e["chosen"][knob]
+    sweep = [r for r in m["rows"] if r["group"] != "always-on"]
+    assert e["knob"] == knob and [p[knob] for p in sweep] == values
+    assert [r["group"] for r in sweep] == [f"{knob}={v:g}" for v in values] and m["rows"][0]["group"] == "always-on"
+    assert e["chosen"][knob] in values and e["chosen"]["accuracy"] in [p["accuracy"] for p in sweep]
     k = e["num_blocks"]
-    for p in e["sweep"]:
+    for p in sweep:
         assert 0 <= p["blocks_used"] <= k and len(p["block_usage"]) == k
         assert 1 <= p["distinct_policies"] <= 2**k
         assert abs(sum(t["fraction"] for t in p["top_policies"]) - 1) < 1e-9 or len(p["top_policies"]) == 10
@@ -51,8 +53,11 @@ def _check_metrics(folder: Path, kind: str, knob: str, values: list[float]) -> d
         expected = e["fixed_mflops"] + sum(u * b for u, b in zip(p["block_usage"], e["block_mflops"]))
         assert abs(p["mflops"] - expected) < 1e-9
     assert e["always_on"]["mflops"] == pytest.approx(e["fixed_mflops"] + sum(e["block_mflops"]), abs=0.2)
+    (c,) = m["comparisons"]
+    assert (c["group"], c["against"], c["n"]) == ("chosen", "always-on", m["extra"]["always_on"].get("n", c["n"]))
+    assert c["difference"] == pytest.approx(e["chosen"]["accuracy"] - e["always_on"]["accuracy"])
     report = (folder / "report.md").read_text()
-    assert "## Accuracy vs FLOPs over" in report and "distinct policies" in report and "of the always-on" in report
+    assert "## Accuracy vs FLOPs over" in report and "policies" in report and "of the always-on" in report
     return m
 
 
@@ -79,17 +84,17 @@ def test_rerun_resumes_without_retraining(skipnet_run):
 
 
 BAD = [
-    ("skipnet_digits", ["--set", "model.gate=lstm"], "unknown gate 'lstm'"),
-    ("skipnet_digits", ["--set", "alphas=[]"], "alphas must list at least one value"),
-    ("skipnet_digits", ["--set", "alphas=[0.1, -1]"], "alphas[1] must be a non-negative number"),
+    ("skipnet_digits", ["--set", "model.gate=lstm"], "unknown model.gate 'lstm'"),
+    ("skipnet_digits", ["--set", "alphas=[]"], "'alphas' must not be empty"),
+    ("skipnet_digits", ["--set", "alphas=[0.1, -1]"], "'alphas[1]' must be >= 0"),
     ("skipnet_digits", ["--set", "hybrid.optimizer=rmsprop"], "unknown hybrid.optimizer 'rmsprop'"),
-    ("skipnet_digits", ["--set", "supervised.epochs=0"], "supervised.epochs must be at least 1"),
-    ("skipnet_digits", ["--set", "model.depth=21"], "model.depth must be 6n+2"),
+    ("skipnet_digits", ["--set", "supervised.epochs=-1"], "'supervised.epochs' must be >= 0"),
+    ("skipnet_digits", ["--set", "model.depth=21"], "depth must be 6n+2"),
     ("skipnet_digits", ["--set", "hybrid.epoch=3"], "unknown key 'hybrid.epoch'"),
     ("blockdrop_digits", ["--set", "model.policy_downsample=16"], "policy downsample"),
     ("blockdrop_digits", ["--set", "model.alpha=0.3"], "alpha (probability bound)"),
-    ("blockdrop_digits", ["--set", "gammas=[1.0, 1.0]"], "gammas has repeated values"),
-    ("blockdrop_digits", ["--set", "finetune.epochs=-1"], "finetune.epochs must be at least 0"),
+    ("blockdrop_digits", ["--set", "gammas=[1.0, 1.0]"], "'gammas' has repeated values"),
+    ("blockdrop_digits", ["--set", "finetune.epochs=-1"], "'finetune.epochs' must be >= 0"),
 ]
 
 

@@ -29,10 +29,12 @@ class PadShortcut(nn.Module):
 
 
 class BasicBlock(nn.Module):
-    """``relu(shortcut(x) + residual(x))`` with two 3x3 convs; ``shortcut`` is exposed for gating."""
+    """``relu(shortcut(x) + residual(x))`` with two 3x3 convs; ``shortcut`` and ``in_channels`` are exposed for
+    gating (:func:`metadyn.core.gating.check_gateable`)."""
 
     def __init__(self, in_channels: int, out_channels: int, stride: int = 1):
         super().__init__()
+        self.in_channels = in_channels
         self.residual = nn.Sequential(
             nn.Conv2d(in_channels, out_channels, 3, stride, 1, bias=False),
             nn.BatchNorm2d(out_channels),
@@ -56,7 +58,8 @@ class ResNetExits(MultiExitNet):
 
     Exits sit after the blocks listed in ``exits`` (1-based block counts, e.g. ``(9, 18, 27)`` for
     ResNet-56 puts one at the end of each stage); the final block always carries the final exit.
-    ``blocks`` is the flat list of residual blocks, so gating methods can run them one by one.
+    ``blocks`` is the flat list of residual blocks, so gating methods can run them one by one (it satisfies
+    the gated-backbone contract, :func:`metadyn.core.gating.check_gateable`).
 
     References:
         He et al., "Deep Residual Learning for Image Recognition", CVPR 2016, Sec. 4.2 (CIFAR ResNets,

@@ -24,13 +24,14 @@ from __future__ import annotations
 
 import torch
 
-from benchmarks._timing import time_interleaved
+from metadyn.bench._timing import time_interleaved
 from metadyn.core.backbones.resnet import resnet_exits
 from metadyn.core.flops import exit_costs
-from metadyn.core.gates import FeedForwardGates, GatedResNet, gated_costs, mix_block, policy_counts
-from metadyn.core.inference import micro_batched, prepare_for_inference, skip_block
+from metadyn.core.gating import FeedForwardGates, GatedResNet, gated_costs, mix_block, policy_counts, skip_block
+from metadyn.core.inference import micro_batched, prepare_for_inference
 from metadyn.core.train import pick_device
 from metadyn.errors import InputError
+from metadyn.registry import BENCHMARKS
 
 
 def masked_forward(net: GatedResNet, x: torch.Tensor) -> torch.Tensor:
@@ -66,6 +67,7 @@ def calibrate_gates(net: GatedResNet, x: torch.Tensor, keep: float) -> None:
             lo = bias.clone()
 
 
+@BENCHMARKS.register("skipping")
 def run(quick: bool = False, model: str = "resnet", gate: str = "ff", depth: int = 56, batch: int = 256,
         keep: float = 0.5, repeats: int | None = None, device: str = "auto", seed: int = 0,
         micro_batch: int | None = -1, threads: int | None = None) -> dict:

@@ -28,11 +28,12 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from benchmarks._timing import sync, time_interleaved
+from metadyn.bench._timing import sync, time_interleaved
 from metadyn.core.backbones.conv4 import conv4_exits
 from metadyn.core.train import pick_device
 from metadyn.data import ClassPool, EpisodeSampler
 from metadyn.meta import MetaLearner, to_channels_last
+from metadyn.registry import BENCHMARKS
 
 
 class TensorPeak(TorchDispatchMode):
@@ -88,6 +89,7 @@ class _Final(torch.nn.Module):
         return self.net.forward_final(x)
 
 
+@BENCHMARKS.register("maml")
 def run(quick: bool = False, meta_batch: int = 8, width: int = 32, inner_lr: float = 0.4, repeats: int | None = None,
         device: str = "auto", threads: int | None = None, seed: int = 0) -> dict:
     with warnings.catch_warnings():

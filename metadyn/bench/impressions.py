@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from benchmarks._timing import time_interleaved
+from metadyn.bench._timing import time_interleaved
 from metadyn.core.train import pick_device
 from metadyn.datafree import (
     ImpressionBatch,
@@ -32,6 +32,7 @@ from metadyn.datafree import (
     static_cnn,
 )
 from metadyn.errors import InputError
+from metadyn.registry import BENCHMARKS
 
 MODELS = {  # the teachers of tasks/datafree_*.yaml: (in_shape, classes, widths)
     "digits": ((1, 8, 8), 10, (16, 32, 64)),
@@ -39,6 +40,7 @@ MODELS = {  # the teachers of tasks/datafree_*.yaml: (in_shape, classes, widths)
 }
 
 
+@BENCHMARKS.register("impressions")
 def run(quick: bool = False, model: str = "digits", batch: int = 256, repeats: int | None = None,
         device: str = "auto", seed: int = 0) -> dict:
     if model not in MODELS:

@@ -24,12 +24,13 @@ from __future__ import annotations
 
 import torch
 
-from benchmarks._timing import time_interleaved
+from metadyn.bench._timing import time_interleaved
 from metadyn.core.flops import exit_costs, expected_cost
 from metadyn.core.inference import dynamic_exit, micro_batched, prepare_for_inference, simulated_exit
 from metadyn.core.policies import ThresholdPolicy, fit_thresholds_for_budget, policy_scores
 from metadyn.core.train import pick_device
 from metadyn.errors import InputError
+from metadyn.registry import BENCHMARKS
 
 
 def build_model(model: str, in_shape):
@@ -42,6 +43,7 @@ def build_model(model: str, in_shape):
     raise InputError(f"unknown model {model!r} for the inference benchmark")
 
 
+@BENCHMARKS.register("inference")
 def run(quick: bool = False, model: str = "resnet", batch: int = 256, budget: float = 0.5, repeats: int | None = None,
         device: str = "auto", seed: int = 0, micro_batch: int | None = -1) -> dict:
     import metadyn.core.backbones  # noqa: F401  (registers the backbones)

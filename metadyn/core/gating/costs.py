@@ -1,0 +1,66 @@
+"""What a gated network costs: FLOPs of its always-paid parts and of each block, and the policies it took."""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from metadyn.core.flops import count_flops, probe
+from metadyn.core.gating.blockdrop import BlockDropNet
+from metadyn.core.gating.execution import final_logits
+from metadyn.core.gating.skipnet import GatedResNet
+
+
+@dataclass
+class GatedCosts:
+    """FLOPs per sample of a gated network.
+
+    Attributes:
+        fixed: what every sample pays: the stem, the final head, and every gate (SkipNet) or the policy
+            network (BlockDrop).
+        blocks: ``(K,)`` FLOPs of each residual block, paid only when it runs.
+    """
+
+    fixed: int
+    blocks: list[int]
+
+    @property
+    def full(self) -> int:
+        """Every block on, gates included."""
+        return self.fixed + sum(self.blocks)
+
+    def mflops(self, actions: Tensor) -> Tensor:
+        """``(N,)`` MFLOPs of each sample under ``(N, K)`` 0/1 decisions."""
+        blocks = torch.as_tensor(self.blocks, dtype=torch.float64, device=actions.device)
+        return (self.fixed + actions.to(torch.float64) @ blocks) / 1e6
+
+
+def gated_costs(model: GatedResNet | BlockDropNet, in_shape: Sequence[int]) -> GatedCosts:
+    """Count the FLOPs (``count_flops``) of the stem, each block, each gate (SkipNet) or the policy network
+    (BlockDrop), and the final head of ``model`` on one input of shape ``in_shape`` ``(C, H, W)``."""
+    bb = model.backbone
+    with probe(model, in_shape) as x:
+        fixed = count_flops(bb.stem, x)
+        h = bb.stem(x)
+        state, blocks = None, []
+        for i, block in enumerate(bb.blocks):
+            if isinstance(model, GatedResNet):
+                fixed += count_flops(model.gate, i, h, state)
+                _, state = model.gate(i, h, state)
+            blocks.append(count_flops(block, h))
+            h = block(h)
+        fixed += count_flops(final_logits, bb, h)
+        if isinstance(model, BlockDropNet):
+            fixed += count_flops(model.policy, x)
+    return GatedCosts(fixed, blocks)
+
+
+def policy_counts(actions: Tensor) -> list[tuple[str, int]]:
+    """The distinct policies among ``(N, K)`` 0/1 decisions, as strings (block 0 first, ``1`` = ran), with how
+    many samples took each, most frequent first (ties by string)."""
+    rows = ["".join("1" if v else "0" for v in r) for r in (actions > 0.5).tolist()]
+    return sorted(Counter(rows).items(), key=lambda kv: (-kv[1], kv[0]))
