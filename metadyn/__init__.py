@@ -20,8 +20,8 @@ from __future__ import annotations
 
 import importlib
 
-from metadyn import registry
-from metadyn.errors import InputError, NonFiniteLossError
+from metadyn import registry  # noqa: F401  (listed in __all__)
+from metadyn.errors import InputError, NonFiniteLossError  # noqa: F401
 
 __version__ = "0.1.0"
 
@@ -36,7 +36,7 @@ _API = {
     "metadyn.core.callbacks": ["Callback", "TrainState"],
     "metadyn.core.freeze": ["freeze", "unfreeze"],
     "metadyn.core.losses": ["exitwise_ce", "distillation_loss", "imta_loss", "byot_loss", "kd_loss",
-                            "GradientEquilibrium"],
+                            "GradientEquilibrium", "ce_loss", "labeled_ce"],
     # exit policies, thresholds for a budget, calibration, FLOPs
     "metadyn.core.policies": ["ThresholdPolicy", "PatiencePolicy", "BudgetPolicy", "policy_for_budget",
                               "fit_thresholds_for_budget", "budgeted_curve", "accuracy_at_budgets", "anytime_accuracy",
@@ -49,14 +49,18 @@ _API = {
     "metadyn.core.gating": ["GatedResNet", "BlockDropNet", "PolicyNet", "gated_costs", "skipnet_loss",
                             "blockdrop_loss"],
     # data sets and episodes
-    "metadyn.data": ["load_classification", "ClassPool", "Episode", "EpisodeSampler"],
+    "metadyn.data": ["load_classification", "keep_labels", "ClassPool", "Episode", "EpisodeSampler"],
+    "metadyn.data.augment": ["random_shift"],
     "metadyn.meta.data": ["fewshot_pool"],
     # the research plugin: meta-learning, consistency, data-free conversion, detachable attention
     "metadyn.meta": ["MetaLearner", "ProtoExits", "evaluate_episodes"],
     "metadyn.consistency": ["ExitConsistency"],
+    "metadyn.consistency.losses": ["consistency_method"],
     "metadyn.datafree": ["synthesize_impressions", "SynthesisSettings", "Impressions", "train_exits",
-                         "convert_to_early_exit", "distill_student", "static_cnn"],
-    "metadyn.attention": ["AttentiveExits", "add_detachable", "prune_later", "prune_saturated"],
+                         "convert_to_early_exit", "distill_student", "static_cnn", "DEFAULT_TAU", "class_similarity",
+                         "dirichlet_concentration", "final_layer_weight", "sample_targets"],
+    "metadyn.attention": ["AttentiveExits", "add_detachable", "prune_later", "prune_saturated", "NotDeployableError",
+                          "attention_map", "detachable_loss", "exit_mflops", "transfer_distances"],
     # experiments
     "metadyn.runner": ["run_task"],
     "metadyn.config": ["load_task"],

@@ -26,7 +26,6 @@ import yaml
 
 from metadyn.errors import InputError
 
-
 # --------------------------------------------------------------------------- declared checks
 
 

@@ -22,17 +22,15 @@ look at accuracy per exit and per inner step. Set `METADYN_QUICK=1` for the smal
 import matplotlib.pyplot as plt
 import torch
 
-from metadyn.core.backbones import conv4_exits
-from metadyn.data import EpisodeSampler
-from metadyn.meta import MetaLearner
-from metadyn.meta.data import fewshot_pool
-from metadyn.meta.evaluate import evaluate_episodes
+import metadyn as md
 
 QUICK = os.environ.get("METADYN_QUICK") == "1"
 torch.manual_seed(0)
 torch.set_num_threads(1 if QUICK else torch.get_num_threads())
-train = EpisodeSampler(fewshot_pool("glyphs", "train", samples_per_class=20), n_way=5, k_shot=1, n_query=15, seed=0)
-test = EpisodeSampler(fewshot_pool("glyphs", "test", samples_per_class=20), n_way=5, k_shot=1, n_query=15, seed=2)
+train = md.EpisodeSampler(md.fewshot_pool("glyphs", "train", samples_per_class=20), n_way=5, k_shot=1, n_query=15,
+                          seed=0)
+test = md.EpisodeSampler(md.fewshot_pool("glyphs", "test", samples_per_class=20), n_way=5, k_shot=1, n_query=15,
+                         seed=2)
 print(train)
 print(test)"""),
     new_markdown_cell("## An episode of meta-test classes: one example per class (support) and the queries to label"),
@@ -49,12 +47,12 @@ plt.tight_layout()
 plt.show()"""),
     new_markdown_cell("""## Meta-training: MAML with each exit as its own task
 
-`MetaLearner` runs, for every episode and every exit, an inner loop over that exit's path only
+`md.MetaLearner` runs, for every episode and every exit, an inner loop over that exit's path only
 (the network run on dicts of parameters, as `torch.func.functional_call` does); the meta-objective is the sum
 of the exits' query losses.
 `learner(batch)` computes the meta-gradient episode by episode; `.backward()` hands it to the optimizer."""),
-    new_code_cell("""net = conv4_exits((1, 28, 28), 5, width=8 if QUICK else 32, norm="batch_episodic")
-learner = MetaLearner(net, "maml", inner_lr=0.4, inner_steps=1)
+    new_code_cell("""net = md.conv4_exits((1, 28, 28), 5, width=8 if QUICK else 32, norm="batch_episodic")
+learner = md.MetaLearner(net, "maml", inner_lr=0.4, inner_steps=1)
 opt = torch.optim.Adam(learner.parameters(), lr=1e-3)
 iterations, meta_batch = (3, 2) if QUICK else (150, 4)
 for it in range(iterations):
@@ -70,7 +68,7 @@ for e, (path, head) in learner.exit_paths(ep.support_x).items():
     new_markdown_cell("## Adapting each exit on the episode's support set: accuracy per exit and per inner step"),
     new_code_cell("""steps = range(0, 4 if QUICK else 6)
 episodes = 3 if QUICK else 50
-per_step = torch.stack([evaluate_episodes(learner, test, episodes, steps=s).accuracy.mean(0) for s in steps])
+per_step = torch.stack([md.evaluate_episodes(learner, test, episodes, steps=s).accuracy.mean(0) for s in steps])
 fig, (a1, a2) = plt.subplots(1, 2, figsize=(9, 3.3))
 for e in range(net.num_exits):
     a1.plot(list(steps), 100 * per_step[:, e], "o-", label=f"exit {e}")
@@ -78,7 +76,7 @@ a1.set_xlabel("inner steps at test time")
 a1.set_ylabel(f"accuracy (%), {episodes} meta-test episodes")
 a1.legend(fontsize=8)
 a1.grid(alpha=0.3)
-res = evaluate_episodes(learner, test, episodes, steps=3)
+res = md.evaluate_episodes(learner, test, episodes, steps=3)
 means, cis = zip(*res.mean_ci())
 a2.bar(range(net.num_exits), [100 * m for m in means], yerr=[100 * c for c in cis], capsize=3)
 a2.set_xlabel("exit")
@@ -87,9 +85,9 @@ plt.tight_layout()
 plt.show()
 for e, (m, c) in enumerate(zip(means, cis)):
     print(f"exit {e}: {100 * m:.1f} ± {100 * c:.1f}% (chance 20%)")"""),
-    new_markdown_cell("""`metadyn run tasks/fewshot_glyphs_5w1s.yaml` does this at full size with model selection on meta-val
-classes, 600 meta-test episodes, the anytime few-shot curve and the baselines (MAML on the final exit, joint
-multi-exit MAML, prototypical networks at every exit)."""),
+    new_markdown_cell("""`metadyn run fewshot_glyphs_5w1s` (in Python: `md.run_task("fewshot_glyphs_5w1s")`) does
+this at full size with model selection on meta-val classes, 600 meta-test episodes, the anytime few-shot curve and
+the baselines (MAML on the final exit, joint multi-exit MAML, prototypical networks at every exit)."""),
 ]
 
 

@@ -23,21 +23,13 @@ import matplotlib.pyplot as plt
 import torch
 from IPython.display import Markdown, display
 
-from metadyn.core.inference import collect_logits
-from metadyn.core.losses import labeled_ce
-from metadyn.core.policies import anytime_accuracy
-from metadyn.core.train import fit
-from metadyn.data import load_classification
-from metadyn.datafree import (DEFAULT_TAU, SynthesisSettings, class_similarity, convert_to_early_exit,
-                              dirichlet_concentration, final_layer_weight, sample_targets, static_cnn,
-                              synthesize_impressions)
-from metadyn.runner import run_task
+import metadyn as md
 
 QUICK = os.environ.get("METADYN_QUICK") == "1"
 torch.manual_seed(0)
-data = load_classification("digits", seed=0)
-teacher = static_cnn(data.in_shape, data.num_classes, widths=(8, 16, 32) if QUICK else (16, 32, 64))
-fit(teacher, data.train, loss=labeled_ce, epochs=6 if QUICK else 15, lr=0.05, device="cpu", progress=False)
+data = md.load_classification("digits", seed=0)
+teacher = md.static_cnn(data.in_shape, data.num_classes, widths=(8, 16, 32) if QUICK else (16, 32, 64))
+md.fit(teacher, data.train, loss=md.labeled_ce, epochs=6 if QUICK else 15, lr=0.05, device="cpu", progress=False)
 teacher.eval()
 acc = (teacher(data.test.x).argmax(-1) == data.test.y).float().mean().item()
 print(f"static teacher: {100 * acc:.1f}% test accuracy on {len(data.test)} digits")"""),
@@ -46,7 +38,7 @@ print(f"static teacher: {100 * acc:.1f}% test accuracy on {len(data.test)} digit
 The cosine similarity of the final layer's class weight vectors, min-max normalised per row, is the
 concentration of a Dirichlet distribution over softmax vectors, scaled by beta. With beta = 0.1 the targets
 are peakier than with beta = 1 (the released code normalised the 0.1 away; here it is applied)."""),
-    new_code_cell("""sim = class_similarity(final_layer_weight(teacher))
+    new_code_cell("""sim = md.class_similarity(md.final_layer_weight(teacher))
 plt.figure(figsize=(3.5, 3))
 plt.imshow(sim, cmap="viridis", vmin=0, vmax=1)
 plt.colorbar()
@@ -54,7 +46,7 @@ plt.title("class similarity")
 plt.show()
 classes = torch.full((2000,), 3)
 for beta in (1.0, 0.1):
-    targets = sample_targets(dirichlet_concentration(sim, classes, torch.full((2000,), beta)))
+    targets = md.sample_targets(md.dirichlet_concentration(sim, classes, torch.full((2000,), beta)))
     print(f"beta = {beta}: mean largest target probability {targets.amax(-1).mean():.3f}")"""),
     new_markdown_cell("""## Impressions per class and the achieved match
 
@@ -62,8 +54,8 @@ All classes are optimised together, batch by batch (fresh noise and a fresh Adam
 clamped to the data range [0, 1]. The KL between each target and the teacher's softmax at temperature tau is
 what the optimisation reaches."""),
     new_code_cell("""steps = 40 if QUICK else 100
-imps = synthesize_impressions(teacher, 200 if QUICK else 1280, in_shape=data.in_shape, device="cpu",
-                              settings=SynthesisSettings(steps=steps))
+imps = md.synthesize_impressions(teacher, 200 if QUICK else 1280, in_shape=data.in_shape, device="cpu",
+                                 settings=md.SynthesisSettings(steps=steps))
 summary = imps.summary()
 print(f"tau = {summary['tau']}: median KL {summary['median_kl']:.4f}, "
       f"argmax agreement {100 * summary['argmax_agreement']:.1f}%")
@@ -81,31 +73,45 @@ plt.show()"""),
 With inputs kept in [0, 1] a small network cannot produce the logit gaps that a peaked target needs at a high
 temperature: the achieved KL grows with tau (the default tau was chosen on the validation split)."""),
     new_code_cell("""for tau in (1.0, 2.0, 5.0, 20.0):
-    s = synthesize_impressions(teacher, 60 if QUICK else 256, in_shape=data.in_shape, device="cpu",
-                               settings=SynthesisSettings(tau=tau, steps=steps)).summary()
+    s = md.synthesize_impressions(teacher, 60 if QUICK else 256, in_shape=data.in_shape, device="cpu",
+                                  settings=md.SynthesisSettings(tau=tau, steps=steps)).summary()
     print(f"tau = {tau:4}: median KL {s['median_kl']:.4f}, argmax agreement {100 * s['argmax_agreement']:.1f}%"
-          f"{'  (default)' if tau == DEFAULT_TAU else ''}")"""),
+          f"{'  (default)' if tau == md.DEFAULT_TAU else ''}")"""),
     new_markdown_cell("## Conversion: exits on the frozen teacher, trained on impressions (or noise, as a control)"),
     new_code_cell("""before = teacher(data.test.x)
 epochs = 40 if QUICK else 30
 rows = []
 for name, x in (("impressions", imps.x), ("uniform noise", torch.rand_like(imps.x))):
     torch.manual_seed(1)
-    net, _ = convert_to_early_exit(teacher, ["stages.0", "stages.1"], x, epochs=epochs, batch_size=32 if QUICK else 64,
-                                   lr=0.01, optimizer="adam", weight_decay=0.0, device="cpu", progress=False)
+    net, _ = md.convert_to_early_exit(teacher, ["stages.0", "stages.1"], x, epochs=epochs,
+                                      batch_size=32 if QUICK else 64, lr=0.01, optimizer="adam", weight_decay=0.0,
+                                      device="cpu", progress=False)
     net.eval()
     assert torch.equal(net(data.test.x).logits[-1], before)  # the teacher's output is untouched
-    acc = anytime_accuracy(collect_logits(net, data.test.x), data.test.y)
+    acc = md.anytime_accuracy(md.collect_logits(net, data.test.x), data.test.y)
     rows.append(f"| {name} | " + " | ".join(f"{100 * a:.1f}" for a in acc) + " |")
 display(Markdown("| transfer set | exit 0 | exit 1 | final (teacher) |\\n|:--|--:|--:|--:|\\n" + "\\n".join(rows)))"""),
-    new_markdown_cell("""## The evaluation table (`metadyn run tasks/datafree_digits.yaml`)
+    new_markdown_cell("""## The evaluation table (`metadyn run datafree_digits`)
 
 Real data (upper bound), impressions, impressions with the BatchNorm prior, noise (control) and untrained
-exits, mean ± std over seeds (one seed with the quick settings)."""),
+exits, mean ± std over seeds (one seed with the quick settings). `md.run_task` returns the output folder and
+the metrics it wrote to `metrics.json`: `metrics["rows"]` holds one row per condition (`group`) and exit, with
+the test accuracy, its std over seeds and the exit's MFLOPs; `metrics["comparisons"]` the paired differences
+(Holm-corrected over all of them) that `report.md` summarises."""),
     new_code_cell("""out = Path(tempfile.mkdtemp()) / "datafree_digits"
-_, metrics = run_task(Path("..") / "tasks" / "datafree_digits.yaml", quick=QUICK, out=out, progress=False)
-report = (out / "report.md").read_text()
-display(Markdown(report.split("## Budgeted")[0].split("## Test accuracy per exit (%)")[1]))"""),
+_, metrics = md.run_task("datafree_digits", quick=QUICK, out=out, progress=False)
+rows = metrics["rows"]
+exits = sorted({r["exit"] for r in rows})
+mflops = {r["exit"]: r["mflops"] for r in rows}
+table = ["| condition | " + " | ".join(f"exit {e} ({mflops[e]:.2f} MFLOPs)" for e in exits) + " |",
+         "|:--|" + "--:|" * len(exits)]
+for group in dict.fromkeys(r["group"] for r in rows):
+    acc = {r["exit"]: f"{100 * r['accuracy']:.1f} ± {100 * r['accuracy_std']:.1f}" for r in rows if r["group"] == group}
+    table.append(f"| `{group}` | " + " | ".join(acc.get(e, "—") for e in exits) + " |")
+display(Markdown("**Test accuracy per exit (%)**, mean ± std over seeds\\n\\n" + "\\n".join(table)))
+for c in metrics["comparisons"]:
+    print(f"{c['group']} − {c['against']} at {c['at']}: {100 * c['difference']:+.1f} points "
+          f"(n = {c['n']}): {c['verdict']}")"""),
 ]
 
 

@@ -28,46 +28,37 @@ import matplotlib.pyplot as plt
 import torch
 from IPython.display import Markdown, display
 
-from metadyn.attention import (AttentiveExits, NotDeployableError, add_detachable, attention_map, detachable_loss,
-                               exit_mflops, prune_later, prune_saturated, transfer_distances)
-from metadyn.core.backbones import resnet_exits
-from metadyn.core.flops import count_flops
-from metadyn.core.inference import collect_logits, dynamic_exit, simulated_exit
-from metadyn.core.policies import ThresholdPolicy, anytime_accuracy
-from metadyn.core.train import fit
-from metadyn.data import load_classification
-from metadyn.runner import run_task
+import metadyn as md
 
 QUICK = os.environ.get("METADYN_QUICK") == "1"
-data = load_classification("digits", seed=0)
+data = md.load_classification("digits", seed=0)
 torch.manual_seed(0)
-base = resnet_exits(data.in_shape, data.num_classes, depth=8, exits=(1, 2, 3), width=8 if QUICK else 16)
-model = AttentiveExits(base, data.in_shape, attention="later", source="final")
-fit(model, data.train, epochs=3 if QUICK else 20, lr=0.05, device="cpu", progress=False)  # stage 1: exit-wise CE
+base = md.resnet_exits(data.in_shape, data.num_classes, depth=8, exits=(1, 2, 3), width=8 if QUICK else 16)
+model = md.AttentiveExits(base, data.in_shape, attention="later", source="final")
+md.fit(model, data.train, epochs=3 if QUICK else 20, lr=0.05, device="cpu", progress=False)  # stage 1: exit-wise CE
 model.eval()
 print("later-layer attention, test accuracy per exit:",
-      [f"{100 * a:.1f}" for a in anytime_accuracy(collect_logits(model, data.test.x), data.test.y)])
-print("MFLOPs per exit (each needs the final stage):", [f"{m:.3f}" for m in exit_mflops(model, data.in_shape)])"""),
+      [f"{100 * a:.1f}" for a in md.anytime_accuracy(md.collect_logits(model, data.test.x), data.test.y)])
+print("MFLOPs per exit (each needs the final stage):", [f"{m:.3f}" for m in md.exit_mflops(model, data.in_shape)])"""),
     new_markdown_cell("""## The later-layer variant is not deployable
 
 Its exit 0 reads the final stage's map. Running it stage by stage (real early exit) is refused with a clear error,
 and its cost per exit includes the stages its mask needs."""),
     new_code_cell("""try:
-    dynamic_exit(model, data.test.x[:8], ThresholdPolicy([0.9, 0.9, 0.0]))
-except NotDeployableError as e:
+    md.dynamic_exit(model, data.test.x[:8], md.ThresholdPolicy([0.9, 0.9, 0.0]))
+except md.NotDeployableError as e:
     print("NotDeployableError:", e)"""),
     new_markdown_cell("""## Stage 2: detachable modules imitate the later-layer attention
 
 The attention map of an activation tensor is `Q = Σ_c |A_c|²`, L2-normalised; the transfer distance is
 `‖Q_det/‖Q_det‖ − Q_later/‖Q_later‖‖₂`, measured here on the activations each exit's head reads."""),
     new_code_cell("""torch.manual_seed(0)
-add_detachable(model)  # freezes trunk, final exit and later-layer modules
-before = transfer_distances(model, data.test.x)
-loss = detachable_loss(beta=10.0)
-fit(model, data.train, loss=loss, epochs=2 if QUICK else 10, lr=0.01, device="cpu", progress=False,
-    callbacks=loss.callbacks(model))
+md.add_detachable(model)  # freezes trunk, final exit and later-layer modules (kept in eval mode while training)
+before = md.transfer_distances(model, data.test.x)
+md.fit(model, data.train, loss=md.detachable_loss(beta=10.0), epochs=2 if QUICK else 10, lr=0.01, device="cpu",
+       progress=False)
 model.eval()
-after = transfer_distances(model, data.test.x)
+after = md.transfer_distances(model, data.test.x)
 print("attention-transfer distance per early exit, before:", [f"{d:.3f}" for d in before],
       "after:", [f"{d:.3f}" for d in after])"""),
     new_code_cell("""x = data.test.x[:6]
@@ -78,8 +69,8 @@ side = h_det.shape[-1]
 fig, axes = plt.subplots(3, len(x), figsize=(1.6 * len(x), 5))
 for j in range(len(x)):
     for r, (img, title) in enumerate(((x[j, 0], "input"),
-                                      (attention_map(h_later)[j].view(side, side), "later-layer"),
-                                      (attention_map(h_det)[j].view(side, side), "detachable"))):
+                                      (md.attention_map(h_later)[j].view(side, side), "later-layer"),
+                                      (md.attention_map(h_det)[j].view(side, side), "detachable"))):
         axes[r, j].imshow(img, cmap="gray" if r == 0 else "viridis")
         axes[r, j].axis("off")
         if j == 0:
@@ -92,27 +83,46 @@ After `prune_later` they are gone from `named_modules`, the forward's FLOPs drop
 network runs stage by stage: `dynamic_exit` (batch compaction) gives what picking from the full forward gives.
 `prune_saturated` would also remove any attention module whose mask is ≈1 everywhere on validation data."""),
     new_code_cell("""x1 = torch.zeros(1, *data.in_shape)
-n_before, f_before = len(list(model.named_modules())), count_flops(model, x1)
-prune_later(model)
+n_before, f_before = len(list(model.named_modules())), md.count_flops(model, x1)
+md.prune_later(model)
 print(f"modules: {n_before} -> {len(list(model.named_modules()))}; forward MFLOPs: {f_before / 1e6:.3f} -> "
-      f"{count_flops(model, x1) / 1e6:.3f}")
-print("removed as saturated (mask ≈ 1 on val):", prune_saturated(model, data.val.x) or "none")
-print("detachable MFLOPs per exit:", [f"{m:.3f}" for m in exit_mflops(model, data.in_shape)])
-policy = ThresholdPolicy([0.9, 0.9, 0.0])
-dyn, ref = dynamic_exit(model, data.test.x, policy), simulated_exit(model, data.test.x, policy)
+      f"{md.count_flops(model, x1) / 1e6:.3f}")
+print("removed as saturated (mask ≈ 1 on val):", md.prune_saturated(model, data.val.x) or "none")
+print("detachable MFLOPs per exit:", [f"{m:.3f}" for m in md.exit_mflops(model, data.in_shape)])
+policy = md.ThresholdPolicy([0.9, 0.9, 0.0])
+dyn, ref = md.dynamic_exit(model, data.test.x, policy), md.simulated_exit(model, data.test.x, policy)
 print("dynamic_exit == picking from the full forward:", torch.equal(dyn.exit_idx, ref.exit_idx)
       and torch.allclose(dyn.logits, ref.logits, atol=1e-5))
 print("detachable, test accuracy per exit:",
-      [f"{100 * a:.1f}" for a in anytime_accuracy(collect_logits(model, data.test.x), data.test.y)])"""),
-    new_markdown_cell("""## All variants, same seeds (`metadyn run tasks/attention_digits.yaml`)
+      [f"{100 * a:.1f}" for a in md.anytime_accuracy(md.collect_logits(model, data.test.x), data.test.y)])"""),
+    new_markdown_cell("""## All variants, same seeds (`metadyn run attention_digits`)
 
 No attention, own-layer (SCAN) attention, later-layer attention (upper bound, not deployable), detachable
 (distilled) and the β = 0 control (the same stage 2 without attention transfer). Mean ± std over seeds (one seed
-with the quick settings)."""),
+with the quick settings). `md.run_task` returns the output folder and the metrics it wrote to `metrics.json`:
+`metrics["rows"]` holds one row per variant (`group`) and exit (test accuracy, its std over seeds, MFLOPs),
+`metrics["budgets"]` the early exit at a FLOPs budget and `metrics["comparisons"]` the paired differences
+(Holm-corrected over all of them) that `report.md` summarises."""),
     new_code_cell("""out = Path(tempfile.mkdtemp()) / "attention_digits"
-_, metrics = run_task(Path("..") / "tasks" / "attention_digits.yaml", quick=QUICK, out=out, progress=False)
-report = (out / "report.md").read_text()
-display(Markdown("## Test accuracy" + report.split("## Test accuracy", 1)[1].split("![")[0]))"""),
+_, metrics = md.run_task("attention_digits", quick=QUICK, out=out, progress=False)
+rows = metrics["rows"]
+exits = sorted({r["exit"] for r in rows})
+table = ["| variant | " + " | ".join(f"exit {e}" for e in exits) + " |", "|:--|" + "--:|" * len(exits)]
+for group in dict.fromkeys(r["group"] for r in rows):
+    cell = {r["exit"]: f"{100 * r['accuracy']:.1f} ± {100 * r['accuracy_std']:.1f} ({r['mflops']:.2f})"
+            for r in rows if r["group"] == group}
+    table.append(f"| `{group}` | " + " | ".join(cell.get(e, "—") for e in exits) + " |")
+display(Markdown("**Test accuracy per exit (%)**, mean ± std over seeds (cumulative MFLOPs)\\n\\n"
+                 + "\\n".join(table)))
+print("early exit, thresholds fitted on val for a fraction of the no-attention network's FLOPs:")
+for b in metrics["budgets"]:
+    if b["accuracy"] is not None:
+        print(f"  {b['group']} at {100 * b['budget_fraction']:.0f}%: {100 * b['accuracy']:.1f}% test accuracy "
+              f"at {b['mflops']:.3f} MFLOPs")
+print("paired differences:")
+for c in metrics["comparisons"]:
+    print(f"  {c['group']} − {c['against']} at {c['at']}: {100 * c['difference']:+.1f} points "
+          f"(n = {c['n']}): {c['verdict']}")"""),
 ]
 
 

@@ -8,6 +8,7 @@ from metadyn.data.base import (
     ClassificationData,
     Split,
     check_finite,
+    keep_labels,
     load_classification,
     split_indices,
 )
@@ -23,6 +24,7 @@ __all__ = [
     "Split",
     "check_finite",
     "glyph_class_ids",
+    "keep_labels",
     "load_classification",
     "render_glyphs",
     "split_indices",

@@ -210,3 +210,13 @@ def load_classification(
             raise InputError(f"dataset {name!r} has no option {key!r}; its options: {choices}")
     fractions = {"val": val_fraction, "calib": calib_fraction, "test": test_fraction}
     return loader(root=root, seed=seed, fractions=fractions, **options)
+
+
+def keep_labels(y: Tensor, per_class: int, seed: int) -> Tensor:
+    """A copy of ``y`` where all but ``per_class`` samples of each class (seeded choice) are ``-1``."""
+    g = torch.Generator().manual_seed(seed)
+    out = torch.full_like(y, -1)
+    for c in torch.unique(y).tolist():
+        idx = torch.nonzero(y == c).flatten()
+        out[idx[torch.randperm(len(idx), generator=g)[:per_class]]] = c
+    return out

@@ -260,6 +260,39 @@ class Impressions:
     def __len__(self) -> int:
         return len(self.x)
 
+    def save(self, path) -> None:
+        """Write them atomically (read back with :meth:`load`, ``weights_only=True``)."""
+        from metadyn.core.train import save_checkpoint
+
+        save_checkpoint(dict(vars(self)), path)
+
+    @classmethod
+    def load(cls, path) -> Impressions:
+        from metadyn.core.train import load_checkpoint
+
+        return cls(**load_checkpoint(path))
+
+    def plot(self, path, per_class: int = 6, max_classes: int = 20) -> None:
+        """A PNG grid: one row per class (at most ``max_classes``), ``per_class`` impressions, first channel."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        rows = list(range(min(int(self.classes.max()) + 1, max_classes)))
+        fig, axes = plt.subplots(len(rows), per_class, figsize=(per_class * 0.7, len(rows) * 0.75), squeeze=False)
+        lo, hi = float(self.x.min()), float(self.x.max())
+        for r, c in enumerate(rows):
+            idx = torch.nonzero(self.classes == c).flatten()[:per_class].tolist()
+            for j, ax in enumerate(axes[r]):
+                ax.axis("off")
+                if j < len(idx):
+                    ax.imshow(self.x[idx[j], 0].numpy(), cmap="gray", vmin=lo, vmax=hi)
+                    ax.set_title(f"{c} b={float(self.betas[idx[j]]):g}", fontsize=5)
+        fig.tight_layout(pad=0.2)
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+
     def summary(self) -> dict:
         """Median and mean achieved KL and argmax agreement, overall and per beta."""
         def stats(mask: Tensor) -> dict:

@@ -6,7 +6,8 @@ from metadyn.meta.evaluate import FewShotResult, anytime_costs, evaluate_episode
 from metadyn.meta.functional import ExitRunner, inner_loop, run_exits, to_channels_last
 from metadyn.meta.learner import ALGORITHMS, MetaLearner
 from metadyn.meta.protonet import ProtoExits, prototype_logits
+from metadyn.meta.train import BestOnVal, StackedPredictor, episode_stream, meta_fit
 
-__all__ = ["ALGORITHMS", "ExitRunner", "FewShotResult", "MetaLearner", "ProtoExits", "anytime_costs",
-           "evaluate_episodes", "fewshot_pool", "inner_loop", "mean_ci", "prototype_logits", "run_exits",
-           "to_channels_last"]
+__all__ = ["ALGORITHMS", "BestOnVal", "ExitRunner", "FewShotResult", "MetaLearner", "ProtoExits", "StackedPredictor",
+           "anytime_costs", "episode_stream", "evaluate_episodes", "fewshot_pool", "inner_loop", "mean_ci", "meta_fit",
+           "prototype_logits", "run_exits", "to_channels_last"]

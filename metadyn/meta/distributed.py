@@ -31,6 +31,7 @@ def meta_train(out: str | Path | None, *, dataset: str = "glyphs", n_way: int = 
     from metadyn.data import EpisodeSampler
     from metadyn.meta.data import fewshot_pool
     from metadyn.meta.learner import MetaLearner
+    from metadyn.meta.train import episode_stream
 
     seed_everything(seed)
     options = {"samples_per_class": samples_per_class} if dataset == "glyphs" else {}
@@ -38,16 +39,10 @@ def meta_train(out: str | Path | None, *, dataset: str = "glyphs", n_way: int = 
     net = conv4_exits(tuple(sampler.pool.x.shape[1:]), n_way, width=width, norm="batch_episodic").to(dtype)
     learner = MetaLearner(net, algorithm, inner_lr=inner_lr, inner_steps=inner_steps)
     dev = torch.device(device)
-
-    def episodes(epoch: int):
-        for i in range(iterations):
-            batch = sampler.batch((epoch * iterations + i) * meta_batch, meta_batch)
-            yield tuple(b.to(dev, dtype) if b.is_floating_point() else b.to(dev) for b in batch), None
-
     rank0 = not dist.is_initialized() or dist.get_rank() == 0
-    fit(learner, episodes, loss=lambda value, _: value, epochs=epochs, lr=lr, optimizer=optimizer, momentum=0.0,
-        weight_decay=0.0, schedule="constant", seed=seed, device=dev, progress=False,
-        checkpoint=Path(out) if out is not None and rank0 else None)
+    fit(learner, episode_stream(sampler, iterations, meta_batch, dev, dtype), loss=lambda value, _: value,
+        epochs=epochs, lr=lr, optimizer=optimizer, momentum=0.0, weight_decay=0.0, schedule="constant", seed=seed,
+        device=dev, progress=False, checkpoint=Path(out) if out is not None and rank0 else None)
     return learner.state_dict()
 
 

@@ -52,9 +52,23 @@ class TaskKind:
         """Fit and evaluate (checkpoints under ``ctx.out``); returns the results."""
         raise NotImplementedError
 
-    def report(self, cfg: Any, res: Results, metrics: dict) -> str:
-        """``report.md`` as a function of the results."""
+    def sections(self, cfg: Any, res: Results) -> list[tuple[str, str]]:
+        """The report's sections after its introduction: ``(heading, Markdown body)`` pairs."""
         raise NotImplementedError
+
+    def report(self, cfg: Any, res: Results, metrics: dict) -> str:
+        """``report.md`` as a function of the results: the kind's protocol (its module docstring), the settings
+        a figure depends on, its sections, and the resolved configuration (every hyper-parameter)."""
+        import sys
+
+        from metadyn.runner.report import FLOPS_NOTE, settings_line
+
+        doc = (sys.modules[type(self).__module__].__doc__ or "").strip()
+        parts = [f"# {cfg.task}", doc, f"{settings_line(metrics)} {FLOPS_NOTE}"]
+        parts += [f"## {heading}\n\n{body}" for heading, body in self.sections(cfg, res)]
+        config = yaml.safe_dump(to_dict(cfg), sort_keys=False).strip()
+        parts.append(f"## Configuration\n\n```yaml\n{config}\n```")
+        return "\n\n".join(parts) + "\n"
 
     def plots(self, cfg: Any, res: Results, out: Path) -> None:
         from metadyn.runner.report import plot_groups

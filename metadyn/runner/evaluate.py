@@ -132,7 +132,8 @@ def mean_std(values: Sequence[float | None]) -> tuple[float | None, float | None
     return statistics.fmean(vals), (statistics.stdev(vals) if len(vals) > 1 else 0.0)
 
 
-def aggregate(runs: Sequence[Sequence[dict] | None], keys: Sequence[str] = ("accuracy",), group: str = "") -> list[dict]:
+def aggregate(runs: Sequence[Sequence[dict] | None], keys: Sequence[str] = ("accuracy",),
+              group: str = "") -> list[dict]:
     """Per-exit rows of several seeds (``None``: a diverged run) -> one row per exit with the mean of each
     key, ``<key>_std``, ``n`` (runs that finished) and ``diverged``; other keys from the first run. When every
     run diverged, one row of ``group`` with no accuracy says so (nothing is dropped silently)."""
@@ -147,6 +148,30 @@ def aggregate(runs: Sequence[Sequence[dict] | None], keys: Sequence[str] = ("acc
         row["n"], row["diverged"] = len(done), len(runs) - len(done)
         out.append(row)
     return out
+
+
+def seed_rows(runs: dict, variants: Sequence, seeds: Sequence[int], part: str = "rows",
+              keys: Sequence[str] = ("accuracy",), label: Callable = str) -> list[dict]:
+    """Every variant's per-seed ``part`` (a list of rows: exits, curve points, budgets) of a :func:`sweep`,
+    aggregated over seeds; ``label(variant)`` names the group of a variant whose every run diverged."""
+    out = []
+    for v in variants:
+        got = [(runs[v, s] or {}).get(part) or None for s in seeds]
+        if part == "rows" or any(got):
+            out += aggregate(got, keys, label(v))
+    return out
+
+
+def seed_pairs(runs: dict, pairs: Sequence[tuple], seeds: Sequence[int], exits: Sequence[int],
+               label: Callable = str) -> list[dict]:
+    """Paired-by-seed differences of exit accuracies for every ``(variant, against)`` pair (seeds where both
+    finished), Holm-adjusted together."""
+    comps = []
+    for a, b in pairs:
+        ok = [s for s in seeds if runs[a, s] and runs[b, s]]
+        comps += [compare(label(a), label(b), f"exit {i}", [runs[a, s]["rows"][i]["accuracy"] for s in ok],
+                          [runs[b, s]["rows"][i]["accuracy"] for s in ok]) for i in exits]
+    return holm(comps)
 
 
 # --------------------------------------------------------------------------- paired differences

@@ -83,8 +83,8 @@ def comparison_lines(comparisons: Sequence[dict], unit: str) -> str:
 
 def settings_line(m: dict) -> str:
     s = m["settings"]
-    return (f"Seed {m['seed']}, device `{s['device']}`, {s['threads']} CPU thread(s), {s['dtype']}, "
-            f"torch {s['torch']}.")
+    return (f"Dataset `{m['dataset']}`, seed {m['seed']}, device `{s['device']}`, {s['threads']} CPU thread(s), "
+            f"{s['dtype']}, torch {s['torch']}.")
 
 
 # --------------------------------------------------------------------------- plots

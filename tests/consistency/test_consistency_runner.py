@@ -4,7 +4,7 @@ from pathlib import Path
 import torch
 
 from metadyn.cli import main
-from metadyn.runner.kinds.labelscarce import keep_labels
+from metadyn.data import keep_labels
 
 TASK = Path(__file__).resolve().parents[2] / "tasks" / "labelscarce_digits.yaml"
 TINY = ["--no-progress", "--set", "train.epochs=1", "--set", "model.options={depth: 8, exits: [1, 2, 3], width: 4}"]

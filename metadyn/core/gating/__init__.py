@@ -28,7 +28,7 @@ from metadyn.core.gating.blockdrop import (
     bound_probs,
     curriculum_forced,
 )
-from metadyn.core.gating.costs import GatedCosts, gated_costs, policy_counts
+from metadyn.core.gating.costs import GatedCosts, evaluate_gated, gated_costs, policy_counts
 from metadyn.core.gating.execution import (
     GATEABLE,
     MODES,
@@ -43,5 +43,5 @@ from metadyn.core.gating.skipnet import FeedForwardGates, GatedResNet, Recurrent
 
 __all__ = ["GATEABLE", "MODES", "BlockDropNet", "Curriculum", "FeedForwardGates", "GatedCosts", "GatedOutput",
            "GatedResNet", "PolicyNet", "RecurrentGate", "bernoulli_log_prob", "blockdrop_loss", "blockdrop_reward",
-           "bound_probs", "check_gateable", "curriculum_forced", "gated_ce", "gated_costs", "mix_block",
-           "policy_counts", "reinforce_loss", "run_block", "skip_block", "skipnet_loss", "skipnet_returns"]
+           "bound_probs", "check_gateable", "curriculum_forced", "evaluate_gated", "gated_ce", "gated_costs",
+           "mix_block", "policy_counts", "reinforce_loss", "run_block", "skip_block", "skipnet_loss", "skipnet_returns"]

@@ -64,3 +64,26 @@ def policy_counts(actions: Tensor) -> list[tuple[str, int]]:
     many samples took each, most frequent first (ties by string)."""
     rows = ["".join("1" if v else "0" for v in r) for r in (actions > 0.5).tolist()]
     return sorted(Counter(rows).items(), key=lambda kv: (-kv[1], kv[0]))
+
+
+@torch.no_grad()
+def evaluate_gated(net: GatedResNet | BlockDropNet, x: Tensor, y: Tensor, costs: GatedCosts,
+                   batch_size: int = 256, top: int = 10) -> dict:
+    """Greedy decisions with real skipping (a block computes only on the samples whose gate is on): accuracy,
+    MFLOPs per sample, blocks run, the share of samples running each block, the ``top`` policies taken, and
+    ``correct`` (per-sample 0/1, for paired comparisons). Leaves ``net`` in eval mode with greedy decisions."""
+    p = next(net.parameters())
+    net.eval()
+    net.mode = "greedy"
+    logits, actions = [], []
+    for s in range(0, len(x), batch_size):
+        out = net(x[s : s + batch_size].to(p.device, p.dtype))
+        logits.append(out.logits.float().cpu())
+        actions.append(out.actions.cpu())
+    lg, act = torch.cat(logits), torch.cat(actions)
+    hits = (lg.argmax(-1) == y).double()
+    pols = policy_counts(act)
+    return {"accuracy": float(hits.mean()), "mflops": float(costs.mflops(act).mean()),
+            "blocks_used": float(act.sum(1).mean()), "block_usage": act.mean(0).tolist(),
+            "distinct_policies": len(pols), "correct": hits.tolist(), "logits": lg,
+            "top_policies": [{"policy": k, "fraction": c / len(x)} for k, c in pols[:top]]}

@@ -20,20 +20,7 @@ from metadyn.core.policies import ThresholdPolicy, evaluate_policy, ga_threshold
 from metadyn.core.train import seed_everything
 from metadyn.errors import InputError
 from metadyn.registry import TASK_KINDS
-from metadyn.runner import Context, Results, TaskKind
-from metadyn.runner.evaluate import BUDGET_FRACTIONS, budget_sweep, compare, correct, evaluate_exits, holm
-from metadyn.runner.report import FLOPS_NOTE, budget_table, comparison_lines, exit_table, markdown_table, settings_line
-from metadyn.runner.specs import (
-    DataSpec,
-    EvalSpec,
-    FitSpec,
-    MethodSpec,
-    ModelSpec,
-    build_method,
-    build_model,
-    load_data,
-    train,
-)
+from metadyn.runner import Context, Results, TaskKind, evaluate, report, specs
 
 _NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
 
@@ -50,12 +37,12 @@ class GASpec:
 
 @dataclass
 class CompareConfig(TaskConfig):
-    data: DataSpec = field(default_factory=DataSpec)
-    model: ModelSpec = field(default_factory=ModelSpec)
-    train: FitSpec = field(default_factory=FitSpec)
-    eval: EvalSpec = field(default_factory=EvalSpec)
+    data: specs.DataSpec = field(default_factory=specs.DataSpec)
+    model: specs.ModelSpec = field(default_factory=specs.ModelSpec)
+    train: specs.FitSpec = field(default_factory=specs.FitSpec)
+    eval: specs.EvalSpec = field(default_factory=specs.EvalSpec)
     ga: GASpec = field(default_factory=GASpec)
-    methods: dict[str, MethodSpec] = spec(factory=lambda: {"ce": MethodSpec()}, nonempty=True)
+    methods: dict[str, specs.MethodSpec] = spec(factory=lambda: {"ce": specs.MethodSpec()}, nonempty=True)
 
 
 def _ga_point(e, data, budget: float, score: str, g: GASpec, seed: int) -> dict:
@@ -78,13 +65,13 @@ class Compare(TaskKind):
         for name in cfg.methods:
             if not _NAME.match(name):
                 raise InputError(f"'methods' key {name!r} must be a folder-safe name (letters, digits, _ . -)")
-        data = load_data(cfg.data, cfg.seed)
+        data = specs.load_data(cfg.data, cfg.seed)
         built = {}
         for name, s in cfg.methods.items():
             seed_everything(cfg.seed)  # every method starts from the same random stream
             where = f"methods.{name}.model.options" if s.model is not None else "model.options"
-            model = build_model(s.model or cfg.model, data.in_shape, data.num_classes, where)
-            built[name] = model, build_method(s.method, s.method_options, model, data.in_shape,
+            model = specs.build_model(s.model or cfg.model, data.in_shape, data.num_classes, where)
+            built[name] = model, specs.build_method(s.method, s.method_options, model, data.in_shape,
                                               f"methods.{name}.method_options")
         return data, built
 
@@ -96,14 +83,15 @@ class Compare(TaskKind):
         for name, (model, loss) in built.items():
             seed_everything(cfg.seed)
             t0 = time.perf_counter()
-            state = train(model, loss, data.train, cfg.train, cfg.seed, ctx.device, ctx.out / name / "checkpoint.pt",
-                          ctx.progress)
+            state = specs.train(model, loss, data.train, cfg.train, cfg.seed, ctx.device,
+                                ctx.out / name / "checkpoint.pt", ctx.progress)
             seconds = time.perf_counter() - t0
-            e = evaluate_exits(model, data, cfg.eval, name)
+            e = evaluate.evaluate_exits(model, data, cfg.eval, name)
             ref_full = ref_full or e.costs.full
-            curve, geo = budget_sweep(e, y, score, name, full=ref_full)
+            curve, geo = evaluate.budget_sweep(e, y, score, name, full=ref_full)
             cum = e.costs.cumulative
-            grid = [cum[0] + (cum[-1] - cum[0]) * i / max(cfg.ga.curve_points - 1, 1) for i in range(cfg.ga.curve_points)]
+            n = cfg.ga.curve_points
+            grid = [cum[0] + (cum[-1] - cum[0]) * i / max(n - 1, 1) for i in range(n)]
             ga = [{"group": f"{name} (GA)", "budget_fraction": b["budget_fraction"],
                    **_ga_point(e, data, b["budget_mflops"] * 1e6, score, cfg.ga, cfg.seed)}
                   for b in geo if b["accuracy"] is not None]
@@ -111,8 +99,8 @@ class Compare(TaskKind):
                                 **_ga_point(e, data, b, score, cfg.ga, cfg.seed)} for b in grid]
             rows += e.rows
             budgets += geo + ga
-            hits[name] = {"final exit": correct(e.test[-1], y)} | {
-                f"{100 * b['budget_fraction']:.0f}% budget": correct(pick_exits(e.test, ThresholdPolicy(
+            hits[name] = {"final exit": evaluate.correct(e.test[-1], y)} | {
+                f"{100 * b['budget_fraction']:.0f}% budget": evaluate.correct(pick_exits(e.test, ThresholdPolicy(
                     b["thresholds"], score))[1], y) for b in geo if b["thresholds"] is not None}
             m = cfg.methods[name].model or cfg.model
             info[name] = {"method": cfg.methods[name].method, "method_options": cfg.methods[name].method_options,
@@ -120,51 +108,28 @@ class Compare(TaskKind):
                           "params": sum(p.numel() for p in model.parameters()),
                           "final_train_loss": state.history[-1]["loss"] if state.history else None}
         ref = next(iter(built))
-        comps = holm([compare(n, ref, at, h, hits[ref][at]) for n, hs in hits.items() if n != ref
-                      for at, h in hs.items() if at in hits[ref]])
-        extra = {"reference": ref, "reference_full_mflops": ref_full / 1e6, "budget_fractions": BUDGET_FRACTIONS,
-                 "methods": info, "splits": {n: len(data.split(n)) for n in ("train", "val", "calib", "test")}}
+        comps = evaluate.holm([evaluate.compare(n, ref, at, h, hits[ref][at]) for n, hs in hits.items() if n != ref
+                               for at, h in hs.items() if at in hits[ref]])
+        extra = {"reference": ref, "reference_full_mflops": ref_full / 1e6, "methods": info,
+                 "splits": {n: len(data.split(n)) for n in ("train", "val", "calib", "test")}}
         return Results(cfg.data.name, rows, curves, budgets, comps, extra)
 
-    def report(self, cfg, res, m):
+    def sections(self, cfg, res):
         e = res.extra
-        ece = exit_table(res.rows, "ece_calibrated", digits=1)
-        train_rows = [{"name": f"`{n}`", **r, "what": f"{r['method']} {r['method_options'] or ''}"}
-                      for n, r in e["methods"].items()]
-        train_table = markdown_table(train_rows, [("name", "method", ""), ("what", "loss", ""),
-                                                  ("backbone", "backbone", ""), ("full_mflops", "static MFLOPs", ".3f"),
-                                                  ("params", "parameters", "d"), ("train_seconds", "train s", ".0f")])
-        return f"""# {cfg.task}
-
-Every method is trained on `{cfg.data.name}` with the same seed, schedule ({cfg.train.epochs} epochs,
-{cfg.train.optimizer}, lr {cfg.train.lr}, batch {cfg.train.batch_size}, augment `{cfg.train.augment}`) and batch order;
-splits {e['splits']}. {settings_line(m)} Temperatures are fitted on `calib`, exit thresholds on `val` (raw
-{cfg.eval.policy} scores); every number is on `test`. {FLOPS_NOTE}
-
-## Anytime prediction: test accuracy % of every exit (cumulative MFLOPs)
-
-{exit_table(res.rows)}
-
-## Budgeted batch classification: test accuracy % (test MFLOPs)
-
-Budgets are shares of the reference `{e['reference']}`'s static network ({e['reference_full_mflops']:.3f} MFLOPs),
-the same absolute MFLOPs for every method. Thresholds are fitted on `val` by MSDNet's geometric exit
-distributions and, in the `(GA)` lines, by a genetic algorithm (SCAN; population {cfg.ga.population},
-{cfg.ga.generations} generations), which stops spending once val accuracy plateaus. "—": below the first exit.
-
-{budget_table(res.budgets, e['reference_full_mflops'])}
-
-## Calibration: test ECE % of every exit after temperature scaling
-
-{ece}
-
-## Against the reference `{e['reference']}` (budgets with geometric thresholds)
-
-{comparison_lines(res.comparisons, f"the {e['splits']['test']} test samples")}
-
-## Training
-
-{train_table}
-
-![accuracy vs MFLOPs](accuracy_vs_mflops.png)
-"""
+        table = report.markdown_table([{"name": f"`{n}`", **r, "what": f"{r['method']} {r['method_options'] or ''}"}
+                                for n, r in e["methods"].items()],
+                               [("name", "method", ""), ("what", "loss", ""), ("backbone", "backbone", ""),
+                                ("full_mflops", "static MFLOPs", ".3f"), ("params", "parameters", "d"),
+                                ("train_seconds", "train s", ".0f")])
+        return [("Anytime prediction: test accuracy % of every exit (cumulative MFLOPs)",
+                 f"{report.exit_table(res.rows)}\n\n![accuracy vs MFLOPs](accuracy_vs_mflops.png)"),
+                ("Budgeted batch classification: test accuracy % (test MFLOPs)",
+                 f"Budgets are shares of the reference `{e['reference']}`'s static network "
+                 f"({e['reference_full_mflops']:.3f} MFLOPs). Thresholds fitted on `val`: MSDNet's geometric family, "
+                 "or SCAN's genetic algorithm in the `(GA)` lines (it stops spending once val accuracy plateaus). "
+                 f"\"—\": below the first exit.\n\n{report.budget_table(res.budgets, e['reference_full_mflops'])}"),
+                ("Calibration: test ECE % of every exit after temperature scaling",
+                 report.exit_table(res.rows, "ece_calibrated", digits=1)),
+                (f"Against the reference `{e['reference']}` (budgets with geometric thresholds)",
+                 report.comparison_lines(res.comparisons, f"the {e['splits']['test']} test samples")),
+                ("Training", table)]

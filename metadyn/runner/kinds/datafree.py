@@ -16,27 +16,14 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
+from metadyn import datafree
 from metadyn.config import TaskConfig, spec
 from metadyn.core.backbones import attach_exits
 from metadyn.core.heads import ExitHead
 from metadyn.core.losses import labeled_ce
-from metadyn.core.train import load_checkpoint, save_checkpoint, seed_everything
-from metadyn.datafree import Impressions, SynthesisSettings, distill_student, static_cnn, synthesize_impressions
-from metadyn.datafree import teacher_logits, train_exits
+from metadyn.core.train import seed_everything
 from metadyn.registry import TASK_KINDS
-from metadyn.runner import Context, Results, TaskKind
-from metadyn.runner.evaluate import aggregate, budget_sweep, compare, evaluate_exits, holm, mean_std, sweep
-from metadyn.runner.report import (
-    FLOPS_NOTE,
-    budget_table,
-    comparison_lines,
-    exit_table,
-    markdown_table,
-    plot_groups,
-    pyplot,
-    settings_line,
-)
-from metadyn.runner.specs import DataSpec, EvalSpec, FitSpec, ModelSpec, build_model, load_data, train
+from metadyn.runner import Context, Results, TaskKind, evaluate, report, specs
 
 CONDITIONS = ("real", "impressions", "impressions_bn", "noise", "untrained")
 LABELS = {"real": "real training images (upper bound)", "impressions": "data impressions (ZSKD)",
@@ -44,8 +31,8 @@ LABELS = {"real": "real training images (upper bound)", "impressions": "data imp
           "untrained": "untrained exits", "student": "small multi-exit student distilled on impressions"}
 
 
-def _adam() -> FitSpec:
-    return FitSpec(lr=0.01, optimizer="adam", weight_decay=0.0)
+def _adam() -> specs.FitSpec:
+    return specs.FitSpec(lr=0.01, optimizer="adam", weight_decay=0.0)
 
 
 @dataclass
@@ -54,7 +41,7 @@ class TeacherSpec:
 
     widths: list[int] = spec(factory=lambda: [16, 32, 64], ge=1, nonempty=True)
     convs: int = spec(2, ge=1)
-    train: FitSpec = field(default_factory=lambda: FitSpec(epochs=15, augment="shift"))
+    train: specs.FitSpec = field(default_factory=lambda: specs.FitSpec(epochs=15, augment="shift"))
 
 
 @dataclass
@@ -64,26 +51,26 @@ class ExitSpec:
     at: list[str] = spec(factory=lambda: ["stages.0", "stages.1"], nonempty=True, distinct=True)
     head_conv: int = spec(0, ge=0)  # channels of a conv3x3 before each head's pooling (0: pooling + linear)
     tau: float = spec(1.0, gt=0)  # distillation temperature
-    train: FitSpec = field(default_factory=_adam)
+    train: specs.FitSpec = field(default_factory=_adam)
 
 
 @dataclass
 class ImpressionSpec:
     num: int = spec(1280, ge=1)  # impressions per seed (the noise control has as many samples)
     bn_weight: float = spec(0.5, ge=0)  # BatchNorm-prior weight of impressions_bn (chosen on digits val)
-    synth: SynthesisSettings = field(default_factory=SynthesisSettings)
+    synth: datafree.SynthesisSettings = field(default_factory=datafree.SynthesisSettings)
 
 
 @dataclass
 class DatafreeConfig(TaskConfig):
     seeds: list[int] = spec(factory=lambda: [0, 1, 2], nonempty=True, distinct=True, ge=0)
-    data: DataSpec = field(default_factory=DataSpec)
+    data: specs.DataSpec = field(default_factory=specs.DataSpec)
     teacher: TeacherSpec = field(default_factory=TeacherSpec)
     exits: ExitSpec = field(default_factory=ExitSpec)
     impressions: ImpressionSpec = field(default_factory=ImpressionSpec)
     conditions: list[str] = spec(factory=lambda: list(CONDITIONS), choices=CONDITIONS, nonempty=True, distinct=True)
-    student: ModelSpec | None = None  # a small multi-exit network distilled on the impressions
-    eval: EvalSpec = field(default_factory=EvalSpec)
+    student: specs.ModelSpec | None = None  # a small multi-exit network distilled on the impressions
+    eval: specs.EvalSpec = field(default_factory=specs.EvalSpec)
 
 
 def _head(cfg):
@@ -93,15 +80,15 @@ def _head(cfg):
 @TASK_KINDS.register("datafree")
 class Datafree(TaskKind):
     config = DatafreeConfig
-    _example: Impressions | None = None  # the first seed's impressions, for the plot
+    _example: datafree.Impressions | None = None  # the first seed's impressions, for the plot
 
     def build(self, cfg, device):
         cfg.impressions.synth.check("impressions.synth.")
-        data = load_data(cfg.data, cfg.seed)
-        teacher = static_cnn(data.in_shape, data.num_classes, cfg.teacher.widths, cfg.teacher.convs)
+        data = specs.load_data(cfg.data, cfg.seed)
+        teacher = datafree.static_cnn(data.in_shape, data.num_classes, cfg.teacher.widths, cfg.teacher.convs)
         attach_exits(teacher, cfg.exits.at, example_input=torch.zeros(1, *data.in_shape), head=_head(cfg))
         if cfg.student is not None:
-            build_model(cfg.student, data.in_shape, data.num_classes, "student.options")
+            specs.build_model(cfg.student, data.in_shape, data.num_classes, "student.options")
         return cfg.conditions + (["student"] if cfg.student is not None else [])
 
     def execute(self, cfg, conditions, ctx: Context) -> Results:
@@ -111,23 +98,21 @@ class Datafree(TaskKind):
         def setup(seed: int) -> dict:
             """Train the teacher of a seed and build its transfer sets (once per seed)."""
             seed_everything(seed)
-            data = load_data(cfg.data, seed)
-            teacher = static_cnn(data.in_shape, data.num_classes, cfg.teacher.widths, cfg.teacher.convs)
-            train(teacher, labeled_ce, data.train, cfg.teacher.train, seed, ctx.device, ck / f"seed{seed}_teacher.pt",
-                  ctx.progress)
+            data = specs.load_data(cfg.data, seed)
+            teacher = datafree.static_cnn(data.in_shape, data.num_classes, cfg.teacher.widths, cfg.teacher.convs)
+            specs.train(teacher, labeled_ce, data.train, cfg.teacher.train, seed, ctx.device,
+                        ck / f"seed{seed}_teacher.pt", ctx.progress)
             teacher.eval()
-            acc = float((teacher_logits(teacher, data.test.x).argmax(-1) == data.test.y).double().mean())
+            acc = float((datafree.teacher_logits(teacher, data.test.x).argmax(-1) == data.test.y).double().mean())
             settings = {"impressions": imp.synth, "impressions_bn": replace(imp.synth, bn_weight=imp.bn_weight)}
             imps = {}
             for name, s in settings.items():
                 if name in conditions or (name == "impressions" and "student" in conditions):
-                    path = ck / f"seed{seed}_{name}_data.pt"
-                    if path.exists():
-                        imps[name] = Impressions(**load_checkpoint(path))
-                    else:
-                        imps[name] = synthesize_impressions(teacher, imp.num, in_shape=data.in_shape, settings=s,
-                                                            seed=seed, device=ctx.device, progress=ctx.progress)
-                        save_checkpoint(vars(imps[name]), path)
+                    path = ck / f"seed{seed}_{name}_data.pt"  # written once: a resumed run reuses them
+                    if not path.exists():
+                        datafree.synthesize_impressions(teacher, imp.num, in_shape=data.in_shape, settings=s, seed=seed,
+                                               device=ctx.device, progress=ctx.progress).save(path)
+                    imps[name] = datafree.Impressions.load(path)
             lo, hi = imp.synth.bounds
             transfer = {name: x.x for name, x in imps.items()} | {"real": data.train.x}
             transfer["noise"] = torch.rand((imp.num, *data.in_shape), generator=torch.Generator().manual_seed(seed)) \
@@ -142,107 +127,57 @@ class Datafree(TaskKind):
             fit_kw = {"seed": seed, "device": ctx.device, "checkpoint": ck / f"seed{seed}_{name}_exits.pt",
                       "progress": ctx.progress, **cfg.exits.train.fit_kwargs()}
             if name == "student":  # the teacher's outputs are precomputed: no augmentation
-                net = build_model(cfg.student, data.in_shape, data.num_classes, "student.options")
-                distill_student(net, teacher, s["transfer"][name], tau=cfg.exits.tau, **{**fit_kw, "augment": None})
+                net = specs.build_model(cfg.student, data.in_shape, data.num_classes, "student.options")
+                datafree.distill_student(net, teacher, s["transfer"][name], tau=cfg.exits.tau,
+                                         **{**fit_kw, "augment": None})
             else:
                 net = attach_exits(teacher, cfg.exits.at, example_input=data.train.x[:1].to(ctx.device),
                                    head=_head(cfg))
                 if name != "untrained":
-                    train_exits(net, s["transfer"][name], tau=cfg.exits.tau, **fit_kw)
-            e = evaluate_exits(net, data, cfg.eval, name)
-            curve, budgets = budget_sweep(e, data.test.y, cfg.eval.policy, name)
+                    datafree.train_exits(net, s["transfer"][name], tau=cfg.exits.tau, **fit_kw)
+            e = evaluate.evaluate_exits(net, data, cfg.eval, name)
+            curve, budgets = evaluate.budget_sweep(e, data.test.y, cfg.eval.policy, name)
             return {"rows": e.rows, "curve": curve, "budgets": budgets}
 
-        runs = sweep(conditions, cfg.seeds, convert)
-        rows, curves, budgets = [], [], []
-        for c in conditions:
-            got = [runs[c, s] for s in cfg.seeds]
-            rows += aggregate([r and r["rows"] for r in got], ("accuracy", "val_accuracy", "ece"), c)
-            if any(got):
-                curves += aggregate([r and r["curve"] for r in got], ("accuracy", "mflops"))
-                budgets += aggregate([r and r["budgets"] for r in got], ("accuracy", "mflops"))
-        comps = []
-        k = max(r["exit"] for r in rows)
-        for name in ("impressions", "impressions_bn"):
-            for against, a, b in (("noise", name, "noise"), ("real", "real", name)):
-                if name in conditions and against in conditions:
-                    ok = [s for s in cfg.seeds if runs[a, s] and runs[b, s]]
-                    comps += [compare(a, b, f"exit {i}", [runs[a, s]["rows"][i]["accuracy"] for s in ok],
-                                      [runs[b, s]["rows"][i]["accuracy"] for s in ok]) for i in range(k)]
-        extra = {"teacher_test_accuracy": list(mean_std([s["teacher_accuracy"] for s in per_seed.values()])),
+        runs = evaluate.sweep(conditions, cfg.seeds, convert)
+        rows = evaluate.seed_rows(runs, conditions, cfg.seeds, keys=("accuracy", "val_accuracy", "ece"))
+        curves = evaluate.seed_rows(runs, conditions, cfg.seeds, "curve", ("accuracy", "mflops"))
+        budgets = evaluate.seed_rows(runs, conditions, cfg.seeds, "budgets", ("accuracy", "mflops"))
+        pairs = [p for n in ("impressions", "impressions_bn") for p in ((n, "noise"), ("real", n))
+                 if set(p) <= set(conditions)]
+        comps = evaluate.seed_pairs(runs, pairs, cfg.seeds, range(max(r["exit"] for r in rows)))
+        extra = {"teacher_test_accuracy": list(evaluate.mean_std([s["teacher_accuracy"] for s in per_seed.values()])),
                  "impressions": {f"seed{seed}_{n}": i.summary() for seed, s in per_seed.items()
                                  for n, i in s["imps"].items() if n in conditions},
                  "splits": {n: len(next(iter(per_seed.values()))["data"].split(n))
                             for n in ("train", "val", "calib", "test")} if per_seed else {}}
         self._example = next((s["imps"].get("impressions") for s in per_seed.values()), None)
-        return Results(cfg.data.name, rows, curves, budgets, holm(comps), extra)
+        return Results(cfg.data.name, rows, curves, budgets, comps, extra)
 
     def plots(self, cfg, res, out):
-        plot_groups(out / "accuracy_vs_mflops.png", res.rows, res.curves, f"{cfg.task} (test, mean over seeds)",
+        report.plot_groups(out / "accuracy_vs_mflops.png", res.rows, res.curves, f"{cfg.task} (test, mean over seeds)",
                     labels=LABELS)
         if self._example is not None:
-            plot_impressions(out / "impressions.png", self._example)
+            self._example.plot(out / "impressions.png")
 
-    def report(self, cfg, res, m):
-        e, s = res.extra, cfg.impressions.synth
-        imp = markdown_table([{"which": k, **v, "agree": 100 * v["argmax_agreement"]}
+    def sections(self, cfg, res):
+        e = res.extra
+        imp = report.markdown_table([{"which": k, **v, "agree": 100 * v["argmax_agreement"]}
                               for k, v in e["impressions"].items()],
                              [("which", "impressions", ""), ("median_kl", "median KL", ".4f"),
                               ("mean_kl", "mean KL", ".4f"), ("agree", "argmax agreement (%)", ".1f")])
         tm, tsd = e["teacher_test_accuracy"]
         full = max((r["mflops"] or 0) for r in res.rows if r["group"] != "student")
-        return f"""# {cfg.task}
-
-Data-free conversion on `{cfg.data.name}` {cfg.data.options or ''}, seeds {cfg.seeds}, splits {e['splits']}.
-{settings_line(m)} Teacher: static CNN, widths {cfg.teacher.widths}, {cfg.teacher.convs} convs per stage, trained
-{cfg.teacher.train.epochs} epochs on `train`: test accuracy {100 * tm:.2f} ± {100 * tsd:.2f}%. Exits after
-{cfg.exits.at} are trained with the teacher frozen by distillation from its final output (tau = {cfg.exits.tau}) for
-{cfg.exits.train.epochs} epochs on each transfer set; the final exit is the teacher itself. Impressions:
-{cfg.impressions.num} per seed, tau = {s.tau}, {s.steps} Adam steps (lr {s.lr}) per batch of {s.batch_size}, betas
-{s.betas}, inputs clamped to {s.bounds}; BatchNorm prior weight {cfg.impressions.bn_weight} for `impressions_bn`.
-Mean ± std over seeds. {FLOPS_NOTE}
-
-## Test accuracy per exit % (MFLOPs)
-
-{exit_table(res.rows, labels=LABELS)}
-
-## What the numbers show
-
-{comparison_lines(res.comparisons, "seeds")}
-
-## Budgeted test accuracy %: {cfg.eval.policy} thresholds fitted on the real `val` split
-
-A deployment without any data would have to fit them on impressions; not done here. "—": below the first exit.
-
-{budget_table(res.budgets, full)}
-
-## Validation accuracy per exit % — what hyper-parameters are chosen on
-
-{exit_table(res.rows, "val_accuracy")}
-
-## Achieved match of the impressions: KL(target || softmax(teacher / tau))
-
-{imp}
-
-![accuracy vs MFLOPs](accuracy_vs_mflops.png)
-{"![impressions](impressions.png)" if "impressions" in cfg.conditions else ""}
-"""
-
-
-def plot_impressions(path, imps: Impressions, per_class: int = 6) -> None:
-    """A grid of impressions: one row per class (at most 20), ``per_class`` columns, first channel."""
-    plt = pyplot()
-    rows = list(range(min(int(imps.classes.max()) + 1, 20)))
-    fig, axes = plt.subplots(len(rows), per_class, figsize=(per_class * 0.7, len(rows) * 0.75), squeeze=False)
-    lo, hi = float(imps.x.min()), float(imps.x.max())
-    for r, c in enumerate(rows):
-        idx = torch.nonzero(imps.classes == c).flatten()[:per_class]
-        for j, ax in enumerate(axes[r]):
-            ax.axis("off")
-            if j < len(idx):
-                ax.imshow(imps.x[int(idx[j]), 0].numpy(), cmap="gray", vmin=lo, vmax=hi)
-                ax.set_title(f"{c} b={float(imps.betas[int(idx[j])]):g}", fontsize=5)
-    fig.tight_layout(pad=0.2)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+        return [("Test accuracy per exit % (MFLOPs), mean ± std over seeds",
+                 f"{report.exit_table(res.rows, labels=LABELS)}\n\nThe final exit is the teacher itself: test accuracy "
+                 f"{100 * tm:.2f} ± {100 * tsd:.2f}%. Splits: {e['splits']}.\n\n"
+                 "![accuracy vs MFLOPs](accuracy_vs_mflops.png)"),
+                ("What the numbers show", report.comparison_lines(res.comparisons, "seeds")),
+                (f"Budgeted test accuracy %: {cfg.eval.policy} thresholds fitted on the real `val` split",
+                 "A deployment without any data would have to fit them on impressions; not done here. \"—\": below "
+                 f"the first exit.\n\n{report.budget_table(res.budgets, full)}"),
+                ("Validation accuracy per exit % (what hyper-parameters are chosen on)",
+                 report.exit_table(res.rows, "val_accuracy")),
+                ("Achieved match of the impressions: KL(target || softmax(teacher / tau))",
+                 imp + ("\n\n![impressions](impressions.png)" if self._example is not None else ""))]
 

@@ -13,21 +13,16 @@ baseline is compared with ``exits`` on the same meta-test episodes.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from metadyn.config import TaskConfig, checked_call, spec
-from metadyn.core.callbacks import Callback, TrainState
 from metadyn.core.flops import exit_costs
 from metadyn.core.policies import SCORES, budgeted_curve
-from metadyn.core.train import fit, load_checkpoint, save_checkpoint, seed_everything
+from metadyn.core.train import seed_everything
 from metadyn.errors import InputError
+from metadyn.meta.train import StackedPredictor
 from metadyn.registry import TASK_KINDS
-from metadyn.runner import Context, Results, TaskKind
-from metadyn.runner.evaluate import compare, holm
-from metadyn.runner.report import comparison_lines, exit_table, plot_groups, settings_line
-from metadyn.runner.specs import ModelSpec, build_model
+from metadyn.runner import Context, Results, TaskKind, evaluate, report, specs
 
 BASELINES = ("final_exit", "joint", "protonet", "exits_consistency")
 
@@ -81,52 +76,11 @@ class FewShotConfig(TaskConfig):
     kind: str = "fewshot"
     data: FewShotDataSpec = field(default_factory=FewShotDataSpec)
     episodes: EpisodeSpec = field(default_factory=EpisodeSpec)
-    model: ModelSpec = field(default_factory=lambda: ModelSpec("conv4", {"width": 32, "norm": "batch_episodic"}))
+    model: specs.ModelSpec = field(default_factory=lambda: specs.ModelSpec("conv4", {"width": 32,
+                                                                                     "norm": "batch_episodic"}))
     meta: MetaSpec = field(default_factory=MetaSpec)
     train: MetaTrainSpec = field(default_factory=MetaTrainSpec)
     eval: FewShotEvalSpec = field(default_factory=FewShotEvalSpec)
-
-
-class _Stacked:
-    """Predictions of several learners over disjoint exits, in exit order."""
-
-    def __init__(self, *learners):
-        self.learners = learners
-
-    def predict(self, sx, sy, qx, steps=None):
-        return [z for lrn in self.learners for z in lrn.predict(sx, sy, qx, steps)]
-
-
-class BestOnVal(Callback):
-    """After every epoch: mean query accuracy over exits on fixed meta-val episodes; the best epoch's weights
-    are written to ``path``. Its state (the best score) is checkpointed with the run."""
-
-    def __init__(self, predictor, module, sampler, episodes: int, steps, device, path: Path):
-        self.predictor, self.module, self.sampler = predictor, module, sampler
-        self.episodes, self.steps, self.device, self.path = episodes, steps, device, path
-        self.best = -math.inf
-
-    def state_dict(self) -> dict:
-        return {"best": self.best}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.best = state["best"]
-
-    def on_train_start(self, state: TrainState) -> None:  # a checkpoint written before callbacks had state
-        self.best = max([self.best] + [h["val_score"] for h in state.history])
-
-    def on_epoch_end(self, state: TrainState) -> None:
-        from metadyn.meta.evaluate import evaluate_episodes
-
-        acc = evaluate_episodes(self.predictor, self.sampler, self.episodes, steps=self.steps,
-                                device=self.device).accuracy.mean(0)
-        score = float(acc.mean())
-        state.history[-1].update(val_accuracy=acc.tolist(), val_score=score,
-                                 train_query_accuracy=self.module.last_stats.get("query_accuracy"))
-        if score > self.best:
-            self.best = score
-            save_checkpoint({"model": self.module.state_dict(), "epoch": state.epoch + 1, "val_score": score},
-                            self.path)
 
 
 def make_consistency(net, in_shape, options: dict):
@@ -155,7 +109,7 @@ class FewShot(TaskKind):
         in_shape = tuple(pools["train"].x.shape[1:])
 
         def make_net():
-            return build_model(cfg.model, in_shape, ep.n_way)
+            return specs.build_model(cfg.model, in_shape, ep.n_way)
 
         def make_learner(net, **over):
             opts = dict(algorithm=m.algorithm, inner_lr=m.inner_lr, inner_steps=m.inner_steps,
@@ -169,22 +123,13 @@ class FewShot(TaskKind):
             make_consistency(make_net(), in_shape, m.consistency)
         return samplers, in_shape, make_net, make_learner
 
-    def _train(self, module, predictor, samplers, cfg, out: Path, ctx: Context, epochs: int) -> list:
+    def _train(self, learner, samplers, cfg, out, ctx: Context, epochs: int) -> list:
+        from metadyn.meta.train import meta_fit
+
         t = cfg.train
-
-        def episodes(epoch: int):
-            for i in range(t.iterations):
-                batch = samplers["train"].batch((epoch * t.iterations + i) * t.meta_batch, t.meta_batch)
-                yield tuple(b.to(ctx.device) for b in batch), None
-
-        out.mkdir(parents=True, exist_ok=True)
-        best = BestOnVal(predictor, module, samplers["val"], cfg.eval.val_episodes, cfg.meta.eval_inner_steps,
-                         ctx.device, out / "best.pt")
-        state = fit(module, episodes, loss=lambda value, _: value, epochs=epochs, lr=t.lr, optimizer=t.optimizer,
-                    momentum=0.0, weight_decay=0.0, schedule="constant", seed=cfg.seed, device=ctx.device,
-                    callbacks=[best], checkpoint=out / "checkpoint.pt", progress=ctx.progress)
-        module.load_state_dict(load_checkpoint(out / "best.pt", map_location=ctx.device)["model"])
-        return state.history
+        return meta_fit(learner, samplers["train"], samplers["val"], out, epochs=epochs, iterations=t.iterations,
+                        meta_batch=t.meta_batch, lr=t.lr, optimizer=t.optimizer, val_episodes=cfg.eval.val_episodes,
+                        eval_steps=cfg.meta.eval_inner_steps, seed=cfg.seed, device=ctx.device, progress=ctx.progress)
 
     def _learner(self, name: str, net, built, cfg, ctx: Context):
         """Meta-train method ``name`` on ``net``; returns its predictor, which exits own their trunk, history."""
@@ -201,23 +146,23 @@ class FewShot(TaskKind):
                 if name == "exits_consistency":  # the same, plus Idea 3's consistency in the outer loop
                     over["consistency"] = make_consistency(net, in_shape, cfg.meta.consistency)
                 learner = make_learner(net, **over)
-            history = self._train(learner, learner, samplers, cfg, out, ctx, epochs)
+            history = self._train(learner, samplers, cfg, out, ctx, epochs)
             return learner, [own and name.startswith("exits")] * k, history
         # final_exit: MAML on the final exit, then the early heads with the trunk frozen
         last = lambda v: v[-1] if isinstance(v, list) else v  # noqa: E731
         one = {"inner_lr": last(cfg.meta.inner_lr), "inner_steps": last(cfg.meta.inner_steps), "exit_weights": None,
                "share_trunk": False}
         final = make_learner(net, exits=[k - 1], **one)
-        history = self._train(final, final, samplers, cfg, out, ctx, epochs)
+        history = self._train(final, samplers, cfg, out, ctx, epochs)
         early = [p for n, p in net.named_parameters() if not n.startswith(f"heads.{k - 1}.") and "heads." in n]
         frozen = [p for p in net.parameters() if all(p is not q for q in early)]
         for p in frozen:
             p.requires_grad_(False)
         heads = make_learner(net, algorithm="anil", exits=list(range(k - 1)), **one)
-        history += self._train(heads, heads, samplers, cfg, ctx.out / f"{name}_heads", ctx, cfg.train.head_epochs)
+        history += self._train(heads, samplers, cfg, ctx.out / f"{name}_heads", ctx, cfg.train.head_epochs)
         for p in frozen:
             p.requires_grad_(True)
-        return _Stacked(heads, final), [False] * (k - 1) + [True], history
+        return StackedPredictor(heads, final), [False] * (k - 1) + [True], history
 
     def execute(self, cfg, built, ctx: Context) -> Results:
         from metadyn.meta.evaluate import anytime_costs, evaluate_episodes
@@ -238,43 +183,22 @@ class FewShot(TaskKind):
             curves += [{"group": name, "mflops": c["mflops"], "accuracy": c["accuracy"], "p": c["p"]}
                        for c in budgeted_curve(val.logits, test.logits, test.labels, costs, cfg.eval.policy)]
             acc[name], extra[name] = test.accuracy, {"history": history}
-        comps = holm([compare("exits", b, f"exit {i}", acc["exits"][:, i].tolist(), acc[b][:, i].tolist())
-                      for b in cfg.eval.baselines for i in range(acc[b].shape[1])])
+        comps = evaluate.holm([evaluate.compare("exits", b, f"exit {i}", acc["exits"][:, i].tolist(),
+                                                acc[b][:, i].tolist())
+                               for b in cfg.eval.baselines for i in range(acc[b].shape[1])])
         ep = cfg.episodes
         extra["episodes"] = {"n_way": ep.n_way, "k_shot": ep.k_shot, "n_query": ep.n_query,
                              "test_episodes": cfg.eval.test_episodes}
         return Results(cfg.data.name, rows, curves, comparisons=comps, extra=extra)
 
     def plots(self, cfg, res, out):
-        plot_groups(out / "accuracy_vs_mflops.png", res.rows, res.curves, f"{cfg.task} (meta-test)",
+        report.plot_groups(out / "accuracy_vs_mflops.png", res.rows, res.curves, f"{cfg.task} (meta-test)",
                     xlabel="MFLOPs per query (after adaptation)", ylabel="meta-test accuracy (%)")
 
-    def report(self, cfg, res, m):
-        ep, mt = cfg.episodes, cfg.meta
-        return f"""# {cfg.task}
-
-{ep.n_way}-way {ep.k_shot}-shot episodes ({ep.n_query} queries per class) on `{cfg.data.name}` with disjoint
-meta-train / meta-val / meta-test classes; backbone `{cfg.model.backbone}` {cfg.model.options}; meta-learning
-`{mt.algorithm}` (inner lr {mt.inner_lr}, {mt.inner_steps} step(s), evaluated with {mt.eval_inner_steps or mt.inner_steps});
-{cfg.train.epochs} epochs of {cfg.train.iterations} meta-batches of {cfg.train.meta_batch} episodes. {settings_line(m)}
-The epoch with the best mean meta-val accuracy is kept. Each cell: meta-test accuracy % ± 95% CI over
-{cfg.eval.test_episodes} episodes (MFLOPs per query to reach that exit in anytime inference: an exit whose trunk was
-adapted for it alone recomputes the trunk).
-
-- `exits`: each exit is its own task (inner loop over its path only), meta-objective the sum of exit losses;
-- `final_exit`: MAML on the final exit, then the early heads meta-trained with the trunk frozen (heads adapted);
-- `joint`: multi-exit MAML, one inner loop for all exits (the trunk takes every exit's update);
-- `protonet`: a prototypical-network classifier at every exit (no inner loop);
-- `exits_consistency`: `exits` plus the consistency term between early and final features in the outer loop.
-
-{exit_table(res.rows)}
-
-## `exits` against each baseline
-
-{comparison_lines(res.comparisons, f"the {cfg.eval.test_episodes} meta-test episodes")}
-
-![accuracy vs MFLOPs](accuracy_vs_mflops.png)
-
-Curves: confidence thresholds fitted on meta-val episodes (MSDNet's geometric exit distributions), applied to
-meta-test queries after adaptation.
-"""
+    def sections(self, cfg, res):
+        return [("Meta-test accuracy % ± 95% CI per exit (MFLOPs per query to reach it)",
+                 f"{report.exit_table(res.rows)}\n\nAn exit whose trunk was adapted for it alone recomputes the "
+                 "trunk in anytime inference. Curves: confidence thresholds fitted on meta-val episodes, applied to "
+                 "meta-test queries after adaptation.\n\n![accuracy vs MFLOPs](accuracy_vs_mflops.png)"),
+                ("`exits` against each baseline",
+                 report.comparison_lines(res.comparisons, f"the {cfg.eval.test_episodes} meta-test episodes"))]
