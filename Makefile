@@ -23,7 +23,7 @@ run: install
 	$(VENV)/bin/metadyn run digits_anytime
 
 test: install
-	$(VENV)/bin/pytest -q
+	$(VENV)/bin/pytest -q -n 2  # two workers: the quick task runs and notebooks dominate
 
 lint: install
 	$(VENV)/bin/ruff check metadyn tests

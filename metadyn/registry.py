@@ -38,18 +38,28 @@ class Registry:
         self.kind = kind
         self.providers = tuple(providers)
         self._items: dict[str, Any] = {}
+        self._examples: dict[str, Any] = {}
         self._loaded = not self.providers
 
-    def register(self, name: str, obj: Any = None) -> Callable:
-        """Register ``obj`` under ``name``; without ``obj`` returns a decorator."""
+    def register(self, name: str, obj: Any = None, *, example: Any = None) -> Callable:
+        """Register ``obj`` under ``name``; without ``obj`` returns a decorator. ``example``: what the
+        registry's contract tests need to exercise the entry on a tiny scale (a backbone's options for a
+        ``(1, 8, 8)`` input; a zero-argument builder of a tiny model a method trains)."""
 
         def add(o: Any) -> Any:
             if name in self._items and self._items[name] is not o:
                 raise KeyError(f"{self.kind} {name!r} is already registered")
             self._items[name] = o
+            if example is not None:
+                self._examples[name] = example
             return o
 
         return add if obj is None else add(obj)
+
+    def example(self, name: str) -> Any:
+        """The ``example`` registered with ``name`` (None when there is none)."""
+        self.get(name)
+        return self._examples.get(name)
 
     def load(self) -> Registry:
         """Import the provider modules (once); returns the registry."""

@@ -94,12 +94,3 @@ def test_declared_field_checks_name_the_key(tmp_path, text, message):
     with pytest.raises(InputError) as e:
         load_task(_write(tmp_path, TASK + text))
     assert message in str(e.value) and "\n" not in str(e.value)
-
-
-def test_every_shipped_task_validates():
-    from metadyn.config import task_names
-
-    assert len(task_names()) >= 20
-    for name in task_names():
-        load_task(name)
-        load_task(name, quick=True)

@@ -225,7 +225,7 @@ def byot_distillation(out: ExitOutput, y: Tensor, alpha: float = 0.5, tau: float
     return total
 
 
-@METHODS.register("byot")
+@METHODS.register("byot", example=lambda: _tiny_byot_net())
 def byot_loss(alpha: float = 0.5, tau: float = 3.0, lam: float = 1e-4):
     """BYOT / SCAN self-distillation (:func:`byot_distillation`). SCAN = this loss on the ``scan`` backbone
     (attention + bottleneck exit branches) with genetic-algorithm thresholds
@@ -239,3 +239,10 @@ def byot_loss(alpha: float = 0.5, tau: float = 3.0, lam: float = 1e-4):
         return byot_distillation(out, y, alpha, tau, lam)
 
     return loss
+
+
+def _tiny_byot_net():
+    """A tiny network with BYOT's bottleneck exit branches (the registry's example for ``byot``)."""
+    from metadyn.core.backbones.scan import scan_exits
+
+    return scan_exits((1, 8, 8), 5, "resnet", {"depth": 8, "exits": [1, 2, 3], "width": 4}, attention=False)

@@ -21,15 +21,7 @@ import torch
 from metadyn.core.calibration import ece, fit_temperatures, reliability
 from metadyn.core.flops import ExitCosts, exit_costs, expected_cost
 from metadyn.core.inference import collect_logits, dynamic_exit
-from metadyn.core.policies import (
-    ThresholdPolicy,
-    accuracy_at_budgets,
-    anytime_accuracy,
-    budgeted_curve,
-    fit_thresholds_for_budget,
-    pick_exits,
-    policy_scores,
-)
+from metadyn.core.policies import accuracy_at_budgets, anytime_accuracy, budgeted_curve, pick_exits, policy_for_budget
 from metadyn.errors import NonFiniteLossError
 
 BUDGET_FRACTIONS = (0.25, 0.5, 0.75)
@@ -97,13 +89,12 @@ def operating_point(model, val: list[torch.Tensor], test: list[torch.Tensor], x:
     whose prediction or exit differ. ``None`` when the budget is below the cheapest exit."""
     if budget < cum[0]:
         return None
-    t = fit_thresholds_for_budget(policy_scores(val, score), cum, budget)
-    policy = ThresholdPolicy(t.tolist(), score)
+    policy = policy_for_budget(val, cum, budget, score)
     picked_idx, picked = pick_exits(test, policy)
     dyn = dynamic_exit(model, x.to(device) if device is not None else x, policy, micro_batch=micro_batch)
     idx, logits = dyn.exit_idx.cpu(), dyn.logits.float().cpu()
     fractions = (torch.bincount(idx, minlength=len(test)).double() / len(idx)).tolist()
-    return {"budget_mflops": budget / 1e6, "thresholds": t.tolist(), "exit_fractions": fractions,
+    return {"budget_mflops": budget / 1e6, "thresholds": list(policy.thresholds), "exit_fractions": fractions,
             "accuracy": float((logits.argmax(-1) == y).double().mean()), "mflops": expected_cost(idx, cum) / 1e6,
             "mismatches": int((logits.argmax(-1) != picked.argmax(-1)).sum() + (idx != picked_idx).sum())}
 

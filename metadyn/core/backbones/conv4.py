@@ -56,7 +56,7 @@ class Conv4Exits(MultiExitNet):
         return self.heads[i](state)
 
 
-@BACKBONES.register("conv4")
+@BACKBONES.register("conv4", example={"width": 4})
 def conv4_exits(in_shape=(1, 28, 28), num_classes: int = 5, width: int = 64, norm: str = "batch") -> Conv4Exits:
     """Conv-4 with four exits. Inputs of 8x8 (digits) keep their last pool via ``ceil_mode``."""
     return Conv4Exits(int(in_shape[0]), num_classes, width, norm)

@@ -40,7 +40,7 @@ class MLPExits(MultiExitNet):
         return self.heads[i](state)
 
 
-@BACKBONES.register("mlp")
+@BACKBONES.register("mlp", example={"hidden": [16, 16, 16]})
 def mlp_exits(in_shape=(1, 8, 8), num_classes: int = 10, hidden: Sequence[int] = (64, 64, 64)) -> MLPExits:
     """Multi-exit MLP on flattened inputs of shape ``in_shape``."""
     in_dim = 1

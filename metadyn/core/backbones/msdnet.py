@@ -208,7 +208,8 @@ class MSDNet(MultiExitNet):
         return self.heads[i](state[-1])
 
 
-@BACKBONES.register("msdnet")
+@BACKBONES.register("msdnet", example={"blocks": 3, "step": 1, "base": 1, "channels": 4, "growth": 2,
+                                        "head_channels": 8})
 def msdnet(in_shape=(3, 32, 32), num_classes: int = 10, blocks: int = 10, stepmode: str = "even", step: int = 2,
            base: int = 4, channels: int = 16, growth: int = 6, gr_factor: Sequence[int] = (1, 2, 4),
            bn_factor: Sequence[int] = (1, 2, 4), bottleneck: bool = True, reduction: float = 0.5,

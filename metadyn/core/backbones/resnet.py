@@ -112,7 +112,7 @@ class ResNetExits(MultiExitNet):
         return self.heads[i](state)
 
 
-@BACKBONES.register("resnet")
+@BACKBONES.register("resnet", example={"depth": 8, "exits": [1, 2, 3], "width": 4})
 def resnet_exits(in_shape=(3, 32, 32), num_classes: int = 10, depth: int = 56,
                  exits: Sequence[int] | None = None, width: int = 16) -> ResNetExits:
     """CIFAR ResNet-``depth`` with exits after the blocks ``exits`` (default: the end of each stage)."""

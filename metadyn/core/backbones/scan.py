@@ -11,7 +11,7 @@ from metadyn.errors import InputError
 from metadyn.registry import BACKBONES
 
 
-@BACKBONES.register("scan")
+@BACKBONES.register("scan", example={"backbone": "resnet", "options": {"depth": 8, "exits": [1, 2, 3], "width": 4}})
 def scan_exits(in_shape=(3, 32, 32), num_classes: int = 10, backbone: str = "resnet", options: dict | None = None,
                attention: bool = True, inner: int = 0) -> nn.Module:
     """The registered ``backbone`` (built with ``options``) with SCAN exit branches (:func:`scan_heads`);

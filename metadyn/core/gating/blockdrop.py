@@ -192,7 +192,7 @@ def blockdrop_reward(logits: Tensor, y: Tensor, actions: Tensor, gamma: float) -
     return torch.where(correct, 1 - used**2, torch.full_like(used, -gamma))
 
 
-@METHODS.register("blockdrop")
+@METHODS.register("blockdrop", example=lambda: _tiny_blockdrop_net())
 def blockdrop_loss(gamma: float = 1.0, joint: bool = False):
     """BlockDrop's policy-gradient loss for ``"sample"`` mode, with the self-critical baseline: the advantage
     of the sampled policy ``u`` is ``R(u) - R(u_greedy)``; decisions outside the curriculum's learnt blocks
@@ -216,3 +216,13 @@ def blockdrop_loss(gamma: float = 1.0, joint: bool = False):
         return value
 
     return loss
+
+
+def _tiny_blockdrop_net() -> BlockDropNet:
+    """A tiny BlockDrop network in ``"sample"`` mode (the registry's example for ``blockdrop``)."""
+    from metadyn.core.backbones.resnet import tiny_resnet_exits
+
+    backbone = tiny_resnet_exits((1, 8, 8), 5)
+    net = BlockDropNet(backbone, PolicyNet((1, 8, 8), len(backbone.blocks), width=4), 0.8)
+    net.mode = "sample"
+    return net

@@ -151,7 +151,7 @@ def gated_ce(out: GatedOutput, y: Tensor) -> Tensor:
     return F.cross_entropy(out.logits, y)
 
 
-@METHODS.register("skipnet")
+@METHODS.register("skipnet", example=lambda: _tiny_gated_net())
 def skipnet_loss(alpha: float = 0.1):
     """SkipNet's hybrid objective for ``"sample"`` mode: the cross-entropy of the sampled network (its
     gradient trains the ResNet and the gated path) plus REINFORCE on the gates with
@@ -170,3 +170,12 @@ def skipnet_loss(alpha: float = 0.1):
         return ce.mean() + reinforce_loss(bernoulli_log_prob(out.probs, out.actions), returns)
 
     return loss
+
+
+def _tiny_gated_net() -> GatedResNet:
+    """A tiny SkipNet in ``"sample"`` mode (the registry's example for ``skipnet``)."""
+    from metadyn.core.backbones.resnet import tiny_resnet_exits
+
+    net = GatedResNet(tiny_resnet_exits((1, 8, 8), 5))
+    net.mode = "sample"
+    return net
