@@ -21,11 +21,12 @@ import torch
 import metadyn as md
 
 QUICK = os.environ.get("METADYN_QUICK") == "1"
+DEVICE = md.pick_device("auto")  # a GPU when there is one; everything below runs where the network is
 torch.manual_seed(0)
 data = md.load_classification("digits", seed=0)
 net = md.resnet_exits(in_shape=data.in_shape, num_classes=data.num_classes, depth=8 if QUICK else 20,
-                   exits=(1, 2, 3) if QUICK else (1, 3, 5, 7, 9), width=8 if QUICK else 16)
-state = md.fit(net, data.train, epochs=2 if QUICK else 20, lr=0.05, device="cpu", progress=False)
+                   exits=(1, 2, 3) if QUICK else (1, 3, 5, 7, 9), width=8 if QUICK else 16).to(DEVICE)
+state = md.fit(net, data.train, epochs=2 if QUICK else 20, lr=0.05, progress=False)  # the data goes to DEVICE once
 print(data)
 print("train loss per epoch:", [round(h["loss"], 3) for h in state.history])"""),
     new_markdown_cell("""## Every exit on its own (anytime prediction) and its cost"""),
@@ -42,7 +43,7 @@ policy = md.policy_for_budget(val_logits, costs.cumulative, budget=0.5 * costs.f
 print(policy)
 net.eval()
 result = md.dynamic_exit(net, data.test.x, policy)
-acc = (result.logits.argmax(-1) == data.test.y).float().mean().item()
+acc = (result.logits.argmax(-1).cpu() == data.test.y).float().mean().item()
 print(f"dynamic early exit: {100 * acc:.1f}% at {md.expected_cost(result.exit_idx, costs.cumulative) / 1e6:.3f} MFLOPs "
       f"(static network: {costs.full / 1e6:.3f})")
 print("samples leaving at each exit:", torch.bincount(result.exit_idx, minlength=net.num_exits).tolist())"""),

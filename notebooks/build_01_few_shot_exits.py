@@ -25,6 +25,7 @@ import torch
 import metadyn as md
 
 QUICK = os.environ.get("METADYN_QUICK") == "1"
+DEVICE = md.pick_device("auto")  # a GPU when there is one
 torch.manual_seed(0)
 torch.set_num_threads(1 if QUICK else torch.get_num_threads())
 train = md.EpisodeSampler(md.fewshot_pool("glyphs", "train", samples_per_class=20), n_way=5, k_shot=1, n_query=15,
@@ -51,19 +52,19 @@ plt.show()"""),
 (the network run on dicts of parameters, as `torch.func.functional_call` does); the meta-objective is the sum
 of the exits' query losses.
 `learner(batch)` computes the meta-gradient episode by episode; `.backward()` hands it to the optimizer."""),
-    new_code_cell("""net = md.conv4_exits((1, 28, 28), 5, width=8 if QUICK else 32, norm="batch_episodic")
+    new_code_cell("""net = md.conv4_exits((1, 28, 28), 5, width=8 if QUICK else 32, norm="batch_episodic").to(DEVICE)
 learner = md.MetaLearner(net, "maml", inner_lr=0.4, inner_steps=1)
 opt = torch.optim.Adam(learner.parameters(), lr=1e-3)
 iterations, meta_batch = (3, 2) if QUICK else (150, 4)
 for it in range(iterations):
-    loss = learner(train.batch(it * meta_batch, meta_batch))
+    loss = learner([t.to(DEVICE) for t in train.batch(it * meta_batch, meta_batch)])
     opt.zero_grad()
     loss.backward()
     opt.step()
     if it % max(1, iterations // 5) == 0 or it == iterations - 1:
         acc = ", ".join(f"{100 * a:.0f}%" for a in learner.last_stats["query_accuracy"])
         print(f"iteration {it:4d}: meta-loss {loss.item():.3f}, query accuracy per exit after adaptation: {acc}")
-for e, (path, head) in learner.exit_paths(ep.support_x).items():
+for e, (path, head) in learner.exit_paths(ep.support_x.to(DEVICE)).items():
     print(f"exit {e} adapts {len(path)} parameter tensors (head: {', '.join(n.split('net.')[1] for n in head)})")"""),
     new_markdown_cell("## Adapting each exit on the episode's support set: accuracy per exit and per inner step"),
     new_code_cell("""steps = range(0, 4 if QUICK else 6)

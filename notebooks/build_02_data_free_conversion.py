@@ -26,19 +26,21 @@ from IPython.display import Markdown, display
 import metadyn as md
 
 QUICK = os.environ.get("METADYN_QUICK") == "1"
+DEVICE = md.pick_device("auto")  # a GPU when there is one
 torch.manual_seed(0)
 data = md.load_classification("digits", seed=0)
-teacher = md.static_cnn(data.in_shape, data.num_classes, widths=(8, 16, 32) if QUICK else (16, 32, 64))
-md.fit(teacher, data.train, loss=md.labeled_ce, epochs=6 if QUICK else 15, lr=0.05, device="cpu", progress=False)
+test_x = data.test.x.to(DEVICE)
+teacher = md.static_cnn(data.in_shape, data.num_classes, widths=(8, 16, 32) if QUICK else (16, 32, 64)).to(DEVICE)
+md.fit(teacher, data.train, loss=md.labeled_ce, epochs=6 if QUICK else 15, lr=0.05, progress=False)
 teacher.eval()
-acc = (teacher(data.test.x).argmax(-1) == data.test.y).float().mean().item()
+acc = (teacher(test_x).argmax(-1).cpu() == data.test.y).float().mean().item()
 print(f"static teacher: {100 * acc:.1f}% test accuracy on {len(data.test)} digits")"""),
     new_markdown_cell("""## The teacher's softmax space: class similarities and Dirichlet targets
 
 The cosine similarity of the final layer's class weight vectors, min-max normalised per row, is the
 concentration of a Dirichlet distribution over softmax vectors, scaled by beta. With beta = 0.1 the targets
 are peakier than with beta = 1 (the released code normalised the 0.1 away; here it is applied)."""),
-    new_code_cell("""sim = md.class_similarity(md.final_layer_weight(teacher))
+    new_code_cell("""sim = md.class_similarity(md.final_layer_weight(teacher)).cpu()
 plt.figure(figsize=(3.5, 3))
 plt.imshow(sim, cmap="viridis", vmin=0, vmax=1)
 plt.colorbar()
@@ -54,7 +56,7 @@ All classes are optimised together, batch by batch (fresh noise and a fresh Adam
 clamped to the data range [0, 1]. The KL between each target and the teacher's softmax at temperature tau is
 what the optimisation reaches."""),
     new_code_cell("""steps = 40 if QUICK else 100
-imps = md.synthesize_impressions(teacher, 200 if QUICK else 1280, in_shape=data.in_shape, device="cpu",
+imps = md.synthesize_impressions(teacher, 200 if QUICK else 1280, in_shape=data.in_shape,  # where the teacher is
                                  settings=md.SynthesisSettings(steps=steps))
 summary = imps.summary()
 print(f"tau = {summary['tau']}: median KL {summary['median_kl']:.4f}, "
@@ -73,21 +75,21 @@ plt.show()"""),
 With inputs kept in [0, 1] a small network cannot produce the logit gaps that a peaked target needs at a high
 temperature: the achieved KL grows with tau (the default tau was chosen on the validation split)."""),
     new_code_cell("""for tau in (1.0, 2.0, 5.0, 20.0):
-    s = md.synthesize_impressions(teacher, 60 if QUICK else 256, in_shape=data.in_shape, device="cpu",
+    s = md.synthesize_impressions(teacher, 60 if QUICK else 256, in_shape=data.in_shape,
                                   settings=md.SynthesisSettings(tau=tau, steps=steps)).summary()
     print(f"tau = {tau:4}: median KL {s['median_kl']:.4f}, argmax agreement {100 * s['argmax_agreement']:.1f}%"
           f"{'  (default)' if tau == md.DEFAULT_TAU else ''}")"""),
     new_markdown_cell("## Conversion: exits on the frozen teacher, trained on impressions (or noise, as a control)"),
-    new_code_cell("""before = teacher(data.test.x)
+    new_code_cell("""before = teacher(test_x)
 epochs = 40 if QUICK else 30
 rows = []
 for name, x in (("impressions", imps.x), ("uniform noise", torch.rand_like(imps.x))):
     torch.manual_seed(1)
     net, _ = md.convert_to_early_exit(teacher, ["stages.0", "stages.1"], x, epochs=epochs,
                                       batch_size=32 if QUICK else 64, lr=0.01, optimizer="adam", weight_decay=0.0,
-                                      device="cpu", progress=False)
+                                      progress=False)
     net.eval()
-    assert torch.equal(net(data.test.x).logits[-1], before)  # the teacher's output is untouched
+    assert torch.equal(net(test_x).logits[-1], before)  # the teacher's output is untouched
     acc = md.anytime_accuracy(md.collect_logits(net, data.test.x), data.test.y)
     rows.append(f"| {name} | " + " | ".join(f"{100 * a:.1f}" for a in acc) + " |")
 display(Markdown("| transfer set | exit 0 | exit 1 | final (teacher) |\\n|:--|--:|--:|--:|\\n" + "\\n".join(rows)))"""),

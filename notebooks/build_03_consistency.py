@@ -26,6 +26,7 @@ import torch
 import metadyn as md
 
 QUICK = os.environ.get("METADYN_QUICK") == "1"
+DEVICE = md.pick_device("auto")  # a GPU when there is one
 EPOCHS = 3 if QUICK else 30
 data = md.load_classification("digits", seed=0)
 y_scarce = md.keep_labels(data.train.y, per_class=5, seed=0)  # 5 labels per class, the rest is -1 (unlabeled)
@@ -33,11 +34,11 @@ print(f"{int((y_scarce >= 0).sum())} labeled and {int((y_scarce < 0).sum())} unl
     new_markdown_cell("## The final exit never receives a gradient from the consistency term"),
     new_code_cell("""def new_net():
     torch.manual_seed(0)
-    return md.resnet_exits(in_shape=data.in_shape, num_classes=10, depth=8, exits=(1, 2, 3), width=16)
+    return md.resnet_exits(in_shape=data.in_shape, num_classes=10, depth=8, exits=(1, 2, 3), width=16).to(DEVICE)
 
 net = new_net()
-loss = md.consistency_method(net, data.in_shape, kind="byol")
-loss.consistency(net(data.train.x[:32])).backward()
+loss = md.consistency_method(net, data.in_shape, kind="byol").to(DEVICE)
+loss.consistency(net(data.train.x[:32].to(DEVICE))).backward()
 final = list(net.heads[-1].parameters()) + [p for b in net.block_range(2) for p in net.blocks[b].parameters()]
 print("gradient reaching the final exit:", max(float(p.grad.abs().max()) if p.grad is not None else 0.0
                                                for p in final))
@@ -48,7 +49,7 @@ for name, make_loss in [("CE only", lambda m: md.ce_loss()),
                         ("CE + BYOL-style consistency", lambda m: md.consistency_method(m, data.in_shape, "byol"))]:
     net = new_net()
     md.fit(net, (data.train.x, y_scarce), loss=make_loss(net), epochs=EPOCHS, lr=0.05, augment=md.random_shift,
-        device="cpu", progress=False)
+        progress=False)
     results[name] = md.anytime_accuracy(md.collect_logits(net, data.test.x), data.test.y)
     print(name, [f"{100 * a:.1f}%" for a in results[name]])"""),
     new_code_cell("""for name, acc in results.items():

@@ -31,11 +31,13 @@ from IPython.display import Markdown, display
 import metadyn as md
 
 QUICK = os.environ.get("METADYN_QUICK") == "1"
+DEVICE = md.pick_device("auto")  # a GPU when there is one
 data = md.load_classification("digits", seed=0)
+test_x = data.test.x.to(DEVICE)
 torch.manual_seed(0)
 base = md.resnet_exits(data.in_shape, data.num_classes, depth=8, exits=(1, 2, 3), width=8 if QUICK else 16)
-model = md.AttentiveExits(base, data.in_shape, attention="later", source="final")
-md.fit(model, data.train, epochs=3 if QUICK else 20, lr=0.05, device="cpu", progress=False)  # stage 1: exit-wise CE
+model = md.AttentiveExits(base, data.in_shape, attention="later", source="final").to(DEVICE)
+md.fit(model, data.train, epochs=3 if QUICK else 20, lr=0.05, progress=False)  # stage 1: exit-wise CE
 model.eval()
 print("later-layer attention, test accuracy per exit:",
       [f"{100 * a:.1f}" for a in md.anytime_accuracy(md.collect_logits(model, data.test.x), data.test.y)])
@@ -54,23 +56,23 @@ The attention map of an activation tensor is `Q = Σ_c |A_c|²`, L2-normalised; 
 `‖Q_det/‖Q_det‖ − Q_later/‖Q_later‖‖₂`, measured here on the activations each exit's head reads."""),
     new_code_cell("""torch.manual_seed(0)
 md.add_detachable(model)  # freezes trunk, final exit and later-layer modules (kept in eval mode while training)
-before = md.transfer_distances(model, data.test.x)
-md.fit(model, data.train, loss=md.detachable_loss(beta=10.0), epochs=2 if QUICK else 10, lr=0.01, device="cpu",
-       progress=False)
+before = md.transfer_distances(model, test_x)
+md.fit(model, data.train, loss=md.detachable_loss(beta=10.0), epochs=2 if QUICK else 10, lr=0.01, progress=False)
 model.eval()
-after = md.transfer_distances(model, data.test.x)
+after = md.transfer_distances(model, test_x)
 print("attention-transfer distance per early exit, before:", [f"{d:.3f}" for d in before],
       "after:", [f"{d:.3f}" for d in after])"""),
-    new_code_cell("""x = data.test.x[:6]
+    new_code_cell("""x = test_x[:6]
 with torch.no_grad():
     out = model(x)
+x = x.cpu()
 h_det, h_later = out.transfer[0]  # exit 0: the activations its head reads under each mask
 side = h_det.shape[-1]
 fig, axes = plt.subplots(3, len(x), figsize=(1.6 * len(x), 5))
 for j in range(len(x)):
     for r, (img, title) in enumerate(((x[j, 0], "input"),
-                                      (md.attention_map(h_later)[j].view(side, side), "later-layer"),
-                                      (md.attention_map(h_det)[j].view(side, side), "detachable"))):
+                                      (md.attention_map(h_later)[j].view(side, side).cpu(), "later-layer"),
+                                      (md.attention_map(h_det)[j].view(side, side).cpu(), "detachable"))):
         axes[r, j].imshow(img, cmap="gray" if r == 0 else "viridis")
         axes[r, j].axis("off")
         if j == 0:
@@ -82,12 +84,12 @@ plt.show()"""),
 After `prune_later` they are gone from `named_modules`, the forward's FLOPs drop by exactly their cost, and the
 network runs stage by stage: `dynamic_exit` (batch compaction) gives what picking from the full forward gives.
 `prune_saturated` would also remove any attention module whose mask is ≈1 everywhere on validation data."""),
-    new_code_cell("""x1 = torch.zeros(1, *data.in_shape)
+    new_code_cell("""x1 = torch.zeros(1, *data.in_shape, device=DEVICE)
 n_before, f_before = len(list(model.named_modules())), md.count_flops(model, x1)
 md.prune_later(model)
 print(f"modules: {n_before} -> {len(list(model.named_modules()))}; forward MFLOPs: {f_before / 1e6:.3f} -> "
       f"{md.count_flops(model, x1) / 1e6:.3f}")
-print("removed as saturated (mask ≈ 1 on val):", md.prune_saturated(model, data.val.x) or "none")
+print("removed as saturated (mask ≈ 1 on val):", md.prune_saturated(model, data.val.x.to(DEVICE)) or "none")
 print("detachable MFLOPs per exit:", [f"{m:.3f}" for m in md.exit_mflops(model, data.in_shape)])
 policy = md.ThresholdPolicy([0.9, 0.9, 0.0])
 dyn, ref = md.dynamic_exit(model, data.test.x, policy), md.simulated_exit(model, data.test.x, policy)

@@ -92,7 +92,7 @@ def test_tiny_benchmark_writes_its_json(name, tmp_path, capsys):
     assert main(["bench", name, "--quick", *TINY[name], "--json", str(out)]) == 0
     result = json.loads(out.read_text())
     assert json.loads(capsys.readouterr().out) == result
-    assert set(result) == KEYS[name] | {"reuse_freed_memory"}
+    assert set(result) == KEYS[name] | {"reuse_freed_memory", "environment"}  # device name, versions, kernels
     assert result["batch"] == 16
 
 

@@ -80,6 +80,11 @@ def test_every_shipped_task_validates(task):
 @pytest.mark.slow
 @pytest.mark.parametrize("task", task_names())
 def test_every_shipped_task_runs_quick(task, tmp_path):
-    out, m = run_task(task, quick=True, out=tmp_path / task, progress=False)
+    from metadyn.data.local import MissingDataError
+
+    try:
+        out, m = run_task(task, quick=True, out=tmp_path / task, progress=False)
+    except MissingDataError as e:  # a data set read from disk that this machine does not have
+        pytest.skip(str(e))
     assert m["rows"] and all(r["accuracy"] is None or 0 <= r["accuracy"] <= 1 for r in m["rows"])
     assert (out / "report.md").is_file() and (out / "metrics.json").is_file()

@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from metadyn.bench._timing import time_interleaved
+from metadyn.bench._timing import Batch, Repeats, Seed, time_interleaved
 from metadyn.core.train import pick_device
 from metadyn.datafree import (
     ImpressionBatch,
@@ -41,8 +41,8 @@ MODELS = {  # the teachers of tasks/datafree_*.yaml: (in_shape, classes, widths)
 
 
 @BENCHMARKS.register("impressions")
-def run(quick: bool = False, model: str = "digits", batch: int = 256, repeats: int | None = None,
-        device: str = "auto", seed: int = 0) -> dict:
+def run(quick: bool = False, model: str = "digits", batch: Batch = 256, repeats: Repeats = None,
+        device: str = "auto", seed: Seed = 0) -> dict:
     if model not in MODELS:
         raise InputError(f"unknown model {model!r} for the impressions benchmark; choose from: {', '.join(MODELS)}")
     if batch < 1:

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import torch
 
-from metadyn.bench._timing import time_interleaved
+from metadyn.bench._timing import Batch, Fraction, MicroBatch, Repeats, Seed, micro_batch_for, time_interleaved
 from metadyn.core.flops import exit_costs, expected_cost
 from metadyn.core.inference import dynamic_exit, micro_batched, prepare_for_inference, simulated_exit
 from metadyn.core.policies import ThresholdPolicy, fit_thresholds_for_budget, policy_scores
@@ -44,13 +44,12 @@ def build_model(model: str, in_shape):
 
 
 @BENCHMARKS.register("inference")
-def run(quick: bool = False, model: str = "resnet", batch: int = 256, budget: float = 0.5, repeats: int | None = None,
-        device: str = "auto", seed: int = 0, micro_batch: int | None = -1) -> dict:
+def run(quick: bool = False, model: str = "resnet", batch: Batch = 256, budget: Fraction = 0.5, repeats: Repeats = None,
+        device: str = "auto", seed: Seed = 0, micro_batch: MicroBatch = -1) -> dict:
     import metadyn.core.backbones  # noqa: F401  (registers the backbones)
 
     dev = pick_device(device)
-    if micro_batch == -1:  # default: cache-sized slices on the CPU, the whole batch on a GPU
-        micro_batch = 64 if dev.type == "cpu" else None
+    micro_batch = micro_batch_for(micro_batch, dev)
     torch.manual_seed(seed)
     in_shape = (3, 32, 32)
     net = build_model(model, in_shape)

@@ -22,18 +22,24 @@ from __future__ import annotations
 import copy
 import warnings
 import weakref
+from typing import Annotated
 
 import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from metadyn.bench._timing import sync, time_interleaved
+from metadyn.bench._timing import Repeats, Seed, Threads, sync, time_interleaved
+from metadyn.config import Check
 from metadyn.core.backbones.conv4 import conv4_exits
 from metadyn.core.train import pick_device
 from metadyn.data import ClassPool, EpisodeSampler
 from metadyn.meta import MetaLearner, to_channels_last
 from metadyn.registry import BENCHMARKS
+
+MetaBatch = Annotated[int, Check(ge=1, le=1024)]
+Width = Annotated[int, Check(ge=1, le=1024)]
+Positive = Annotated[float, Check(gt=0)]
 
 
 class TensorPeak(TorchDispatchMode):
@@ -90,8 +96,8 @@ class _Final(torch.nn.Module):
 
 
 @BENCHMARKS.register("maml")
-def run(quick: bool = False, meta_batch: int = 8, width: int = 32, inner_lr: float = 0.4, repeats: int | None = None,
-        device: str = "auto", threads: int | None = None, seed: int = 0) -> dict:
+def run(quick: bool = False, meta_batch: MetaBatch = 8, width: Width = 32, inner_lr: Positive = 0.4,
+        repeats: Repeats = None, device: str = "auto", threads: Threads = None, seed: Seed = 0) -> dict:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         import higher

@@ -22,9 +22,21 @@ run, which the calibrated gates fix, not on what the network has learnt.
 
 from __future__ import annotations
 
+from typing import Annotated, Literal
+
 import torch
 
-from metadyn.bench._timing import time_interleaved
+from metadyn.bench._timing import (
+    Batch,
+    Fraction,
+    MicroBatch,
+    Repeats,
+    Seed,
+    Threads,
+    micro_batch_for,
+    time_interleaved,
+)
+from metadyn.config import Check
 from metadyn.core.backbones.resnet import resnet_exits
 from metadyn.core.flops import exit_costs
 from metadyn.core.gating import FeedForwardGates, GatedResNet, gated_costs, mix_block, policy_counts, skip_block
@@ -32,6 +44,8 @@ from metadyn.core.inference import micro_batched, prepare_for_inference
 from metadyn.core.train import pick_device
 from metadyn.errors import InputError
 from metadyn.registry import BENCHMARKS
+
+Depth = Annotated[int, Check(ge=8, le=1000)]  # a CIFAR ResNet's 6n+2
 
 
 def masked_forward(net: GatedResNet, x: torch.Tensor) -> torch.Tensor:
@@ -68,9 +82,9 @@ def calibrate_gates(net: GatedResNet, x: torch.Tensor, keep: float) -> None:
 
 
 @BENCHMARKS.register("skipping")
-def run(quick: bool = False, model: str = "resnet", gate: str = "ff", depth: int = 56, batch: int = 256,
-        keep: float = 0.5, repeats: int | None = None, device: str = "auto", seed: int = 0,
-        micro_batch: int | None = -1, threads: int | None = None) -> dict:
+def run(quick: bool = False, model: str = "resnet", gate: Literal["ff", "rnn"] = "ff", depth: Depth = 56,
+        batch: Batch = 256, keep: Fraction = 0.5, repeats: Repeats = None, device: str = "auto", seed: Seed = 0,
+        micro_batch: MicroBatch = -1, threads: Threads = None) -> dict:
     if threads is not None:  # 1 on a loaded machine, where parallel ops wait on descheduled threads
         torch.set_num_threads(threads)
     if model != "resnet":
@@ -78,8 +92,7 @@ def run(quick: bool = False, model: str = "resnet", gate: str = "ff", depth: int
     if not 0.0 < keep <= 1.0:
         raise InputError(f"keep must be in (0, 1], got {keep}")
     dev = pick_device(device)
-    if micro_batch == -1:  # default: cache-sized slices on the CPU, the whole batch on a GPU
-        micro_batch = 64 if dev.type == "cpu" else None
+    micro_batch = micro_batch_for(micro_batch, dev)
     torch.manual_seed(seed)
     in_shape = (3, 32, 32)
     net = GatedResNet(resnet_exits(in_shape, 10, depth=depth, exits=((depth - 2) // 2,)), gate=gate)

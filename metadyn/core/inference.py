@@ -6,6 +6,10 @@ network stage by stage (``stem``, then ``stage``/``exit`` per exit, see
 :class:`~metadyn.core.backbones.base.MultiExitNet`) and, after each exit, keeps only the samples that
 have not left, indexing every tensor of the State (and of the policy's carry) with one index. There
 is one host synchronisation per exit (the number of samples leaving), never one per sample.
+
+Everything runs where the model is, at the precision asked for (``precision=None``: the ambient
+:func:`~metadyn.core.device.default_precision`); exit thresholds must be fitted on logits collected at the same
+precision (:func:`collect_logits` reads the same default).
 """
 
 from __future__ import annotations
@@ -19,7 +23,8 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval
 from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
 from metadyn.core.backbones.base import MultiExitNet, index_state
-from metadyn.core.policies import pick_exits
+from metadyn.core.device import autocast, module_device
+from metadyn.core.policies import check_policy, pick_exits
 
 
 @dataclass
@@ -57,20 +62,38 @@ def _sliced(fn, state, micro_batch: int | None):
 
 
 @torch.no_grad()
-def dynamic_exit(model: MultiExitNet, x: Tensor, policy, micro_batch: int | None = None) -> ExitResult:
+def dynamic_exit(model: MultiExitNet, x: Tensor, policy, micro_batch: int | None = None,
+                 precision: str | None = None) -> ExitResult:
     """Early exit with batch compaction: each stage runs only on the samples still in the batch.
 
     Args:
-        model: a MultiExitNet (put it in eval mode first).
-        x: input batch ``(B, ...)``.
+        model: a MultiExitNet. It runs in eval mode: submodules in train mode (BatchNorm would use the
+            statistics of whatever samples are left and overwrite its running buffers) are switched to eval
+            for the call and back after it, so the model is left as it was given.
+        x: input batch ``(B, ...)``, put on the model's device if it is elsewhere.
         policy: a policy step ``(i, logits, carry) -> (mask, carry)`` (see :mod:`metadyn.core.policies`).
         micro_batch: run a stage in slices of at most this many samples while more than that remain
             (see :func:`micro_batched`); the later, smaller batches run whole, so slicing never adds
             per-call overhead where few samples are left.
+        precision: ``"fp32"`` or ``"bf16"`` (autocast); ``None``: the ambient default.
 
     Returns:
         An :class:`ExitResult`, equal to ``simulated_exit(model, x, policy)`` up to floating point.
     """
+    check_policy(policy, model.num_exits)
+    x = x.to(module_device(model))
+    training = [m for m in model.modules() if m.training]
+    for m in training:
+        m.training = False
+    try:
+        with autocast(x.device, precision):
+            return _dynamic_exit(model, x, policy, micro_batch)
+    finally:
+        for m in training:
+            m.training = True
+
+
+def _dynamic_exit(model: MultiExitNet, x: Tensor, policy, micro_batch: int | None) -> ExitResult:
     b = x.shape[0]
     last = model.num_exits - 1
     idx = torch.arange(b, device=x.device)  # original positions of the samples still in the batch
@@ -81,6 +104,8 @@ def dynamic_exit(model: MultiExitNet, x: Tensor, policy, micro_batch: int | None
     for i in range(model.num_exits):
         state = _sliced(lambda s, i=i: model.stage(i, s), state, micro_batch)
         logits, _ = model.exit(i, state)
+        if logits.dtype in (torch.bfloat16, torch.float16):
+            logits = logits.float()  # scored in float32, as collect_logits' logits were when thresholds were fitted
         if out is None:
             out = logits.new_empty((b, logits.shape[1]))
         if i == last:
@@ -103,10 +128,13 @@ def dynamic_exit(model: MultiExitNet, x: Tensor, policy, micro_batch: int | None
 
 
 @torch.no_grad()
-def simulated_exit(model: MultiExitNet, x: Tensor, policy) -> ExitResult:
-    """The reference codes' early exit: compute every exit for every sample, then pick one."""
-    exit_idx, logits = pick_exits(model(x).logits, policy)
-    return ExitResult(logits, exit_idx)
+def simulated_exit(model: MultiExitNet, x: Tensor, policy, precision: str | None = None) -> ExitResult:
+    """The reference codes' early exit: compute every exit for every sample, then pick one (on the model's device)."""
+    x = x.to(module_device(model))
+    with autocast(x.device, precision):
+        logits = [lg.float() if lg.dtype in (torch.bfloat16, torch.float16) else lg for lg in model(x).logits]
+        exit_idx, chosen = pick_exits(logits, policy)
+    return ExitResult(chosen, exit_idx)
 
 
 def fold_batchnorm(module: nn.Module) -> nn.Module:
@@ -147,16 +175,20 @@ def prepare_for_inference(model: nn.Module, *, fold_bn: bool = True, channels_la
 
 
 @torch.no_grad()
-def collect_logits(model: nn.Module, x: Tensor, batch_size: int = 256) -> list[Tensor]:
-    """Every exit's logits on ``x`` (``K`` tensors ``(N, C)`` on the CPU), computed in eval mode by batches."""
+def collect_logits(model: nn.Module, x: Tensor, batch_size: int = 256, precision: str | None = None) -> list[Tensor]:
+    """Every exit's logits on ``x`` (``K`` float32 tensors ``(N, C)`` on the CPU), computed in eval mode by
+    batches on the model's device at ``precision`` (``None``: the ambient default; fit thresholds at the
+    precision inference will run at). The logits stay on the device until the last batch: one copy per exit."""
     p = next(model.parameters())
+    dev = module_device(model)
     was_training = model.training
     model.eval()
     chunks: list[list[Tensor]] = []
     try:
-        for s in range(0, len(x), batch_size):
-            out = model(x[s : s + batch_size].to(p.device, p.dtype))
-            chunks.append([lg.float().cpu() for lg in out.logits])
+        with autocast(dev, precision):
+            for s in range(0, len(x), batch_size):
+                out = model(x[s : s + batch_size].to(dev, p.dtype, non_blocking=True))
+                chunks.append([lg.float() for lg in out.logits])
     finally:
         model.train(was_training)
-    return [torch.cat(c) for c in zip(*chunks)]
+    return [torch.cat(c).cpu() for c in zip(*chunks)]

@@ -15,6 +15,7 @@ Thresholds are fitted on a validation split that is never the test split (:func:
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -74,6 +75,32 @@ def patience_step(pred: Tensor, prev_pred: Tensor | None, count: Tensor | None, 
 # --------------------------------------------------------------------------- policies (thin modules)
 
 
+def _numbers(values, name: str) -> tuple[float, ...]:
+    """``values`` (a list, tuple or 1-d tensor of real numbers, none NaN) as a tuple of floats; a string (whose
+    characters would read as one threshold each) or anything else is an InputError."""
+    if isinstance(values, Tensor):
+        values = values.detach().cpu().flatten().tolist()
+    if isinstance(values, str | bytes) or not isinstance(values, Sequence):
+        raise InputError(f"ThresholdPolicy {name} must be a list of numbers, got {type(values).__name__}")
+    out = []
+    for v in values:
+        if isinstance(v, Tensor) and v.numel() == 1:
+            v = v.item()
+        if isinstance(v, bool) or not isinstance(v, numbers.Real):
+            raise InputError(f"ThresholdPolicy {name} must be numbers, got {type(v).__name__} {str(v)[:40]!r}")
+        if math.isnan(v):  # e.g. thresholds fitted on the scores of NaN logits
+            raise InputError(f"ThresholdPolicy {name} must not be NaN (fitted on scores of non-finite logits?)")
+        out.append(float(v))
+    return tuple(out)
+
+
+def check_policy(policy, num_exits: int) -> None:
+    """Refuse a policy built for another number of exits (through its ``check_exits``, when it has one)."""
+    check = getattr(policy, "check_exits", None)
+    if check is not None:
+        check(num_exits)
+
+
 @dataclass
 class ThresholdPolicy:
     """Exit at exit ``i`` when ``score(logits_i / T_i) >= thresholds[i]``.
@@ -90,8 +117,23 @@ class ThresholdPolicy:
     temperatures: Sequence[float] | None = None
 
     def __post_init__(self) -> None:
-        if self.score not in SCORES:
-            raise InputError(f"unknown policy score {self.score!r}; choose from: {', '.join(SCORES)}")
+        if not isinstance(self.score, str) or self.score not in SCORES:
+            raise InputError(f"unknown policy score {str(self.score)[:40]!r}; choose from: {', '.join(SCORES)}")
+        self.thresholds = _numbers(self.thresholds, "thresholds")  # +-inf allowed: nobody / everybody leaves
+        if not self.thresholds:
+            raise InputError("ThresholdPolicy needs one threshold per exit, got none")
+        if self.temperatures is not None:
+            self.temperatures = _numbers(self.temperatures, "temperatures")
+            bad = [t for t in self.temperatures if not (0 < t < math.inf)]
+            if bad:
+                raise InputError(f"ThresholdPolicy temperatures must be positive and finite, got {bad[0]}")
+
+    def check_exits(self, num_exits: int) -> None:
+        """Refuse to run on a network with another number of exits than the policy has thresholds for."""
+        for name, values in (("thresholds", self.thresholds), ("temperatures", self.temperatures)):
+            if values is not None and len(values) != num_exits:
+                raise InputError(f"ThresholdPolicy has {len(values)} {name} for a network with {num_exits} exits; "
+                                 "give one per exit")
 
     def scores(self, i: int, logits: Tensor) -> Tensor:
         if self.temperatures is not None:
@@ -141,6 +183,48 @@ POLICIES.register("patience", PatiencePolicy)
 POLICIES.register("budget", BudgetPolicy)
 
 
+@dataclass
+class EnsembleFallbackPolicy:
+    """SCAN's inference: exit at the first exit ``i`` whose max-softmax confidence reaches ``thresholds[i]``
+    — the final exit included; a sample that meets no threshold gets the ensemble of all exits, the mean of
+    their logits.
+
+    The step (``mask, carry = policy(i, logits, carry)``) decides the early exits and carries the running
+    sum of the logits seen; :meth:`finish` gives the final output of the samples that reach the last exit:
+    its own logits where ``thresholds[-1]`` is met, else the ensemble. :func:`pick_exits` applies it (every
+    exit computed, as in the released code); the exit index of an ensemble sample is the last exit (it has
+    computed every exit). :func:`~metadyn.core.inference.dynamic_exit` does not call :meth:`finish` yet: there
+    the samples reaching the last exit get its own logits, so evaluate this policy with :func:`pick_exits`.
+
+    Args:
+        thresholds: one per exit, the last one included (``-inf`` there: never the ensemble).
+        temperatures: optional per-exit temperatures applied before scoring (not to the ensemble).
+
+    References:
+        Zhang et al., "SCAN: A Scalable Neural Networks Framework Towards Compact and Efficient Models",
+        NeurIPS 2019, Sec. 3.3; code ``ArchipLab-LinfengZhang/pytorch-scalable-neural-networks``,
+        ``inference.py`` (``judge`` per classifier, shallow to deep, then ``ensemble = sum(outputs) / len``).
+    """
+
+    thresholds: Sequence[float]
+    temperatures: Sequence[float] | None = None
+
+    def _confident(self, i: int, logits: Tensor) -> Tensor:
+        t = 1.0 if self.temperatures is None else float(self.temperatures[i])
+        return max_softmax(logits / t) >= float(self.thresholds[i])
+
+    def __call__(self, i: int, logits: Tensor, carry=None):
+        return self._confident(i, logits), (logits if carry is None else carry + logits)
+
+    def finish(self, i: int, logits: Tensor, carry) -> Tensor:
+        """The output of the samples that reach the last exit ``i`` (``carry``: their sum of earlier logits)."""
+        ensemble = (logits if carry is None else carry + logits) / (i + 1)
+        return torch.where(self._confident(i, logits)[:, None], logits, ensemble)
+
+
+POLICIES.register("ensemble_fallback", EnsembleFallbackPolicy)
+
+
 # --------------------------------------------------------------------------- apply on all exits
 
 
@@ -148,12 +232,14 @@ def pick_exits(logits: Sequence[Tensor], policy) -> tuple[Tensor, Tensor]:
     """Apply ``policy`` to every exit's logits (all computed) and pick each sample's first allowed exit.
 
     This is how MSDNet/SDN reference code evaluates early exit: every exit is computed, then one is
-    picked. The final exit takes every sample still left.
+    picked. The final exit takes every sample still left; a policy with a ``finish(i, logits, carry)``
+    method (:class:`EnsembleFallbackPolicy`) gives their output instead of the final exit's logits.
 
     Returns:
         ``(exit_idx (B,), logits (B, C))``: the chosen exit of each sample and its logits.
     """
     k = len(logits)
+    check_policy(policy, k)
     b = logits[0].shape[0]
     exit_idx = torch.full((b,), k - 1, dtype=torch.long, device=logits[0].device)
     done = torch.zeros(b, dtype=torch.bool, device=logits[0].device)
@@ -163,7 +249,9 @@ def pick_exits(logits: Sequence[Tensor], policy) -> tuple[Tensor, Tensor]:
         new = mask & ~done
         exit_idx = torch.where(new, torch.full_like(exit_idx, i), exit_idx)
         done |= mask
-    stacked = torch.stack(list(logits))  # (K, B, C)
+    finish = getattr(policy, "finish", None)
+    final = logits[-1] if finish is None else finish(k - 1, logits[-1], carry)
+    stacked = torch.stack([*logits[:-1], final])  # (K, B, C)
     chosen = stacked[exit_idx, torch.arange(b, device=exit_idx.device)]
     return exit_idx, chosen
 
@@ -191,9 +279,12 @@ def geometric_fractions(p: float, num_exits: int) -> Tensor:
 def fit_thresholds(scores: Tensor, fractions: Tensor) -> Tensor:
     """Per-exit thresholds so that a fraction ``fractions[k]`` of the (validation) samples exits at k.
 
-    Follows MSDNet's procedure: samples are taken exit by exit; at exit k, among the samples that have
-    not yet left, the ``floor(N * q_k)`` most confident ones leave, and the threshold is the score of
-    the last of them. The final exit's threshold is ``-inf`` (everything left exits there).
+    MSDNet's procedure (``dynamic_eval_find_threshold`` of the released code): exit by exit, among the
+    samples that have not yet left, the threshold is the score of the ``floor(N * q_k)``-th most confident
+    one, and every remaining sample scoring at least that leaves (with tied scores, more than the quota can
+    leave). When fewer samples remain than the quota, or the quota is 0, the threshold stays unreachable
+    (``+inf``): nobody leaves there and the remaining samples go on, as in the reference. The final exit's
+    threshold is ``-inf`` (everything left exits there).
 
     Args:
         scores: ``(K, N)`` exit scores (higher = more confident), computed on a validation split.
@@ -201,6 +292,10 @@ def fit_thresholds(scores: Tensor, fractions: Tensor) -> Tensor:
 
     Returns:
         ``(K,)`` thresholds, to be used with ``score >= threshold``.
+
+    References:
+        Huang et al., MSDNet, ICLR 2018, Sec. 5.2; code ``kalviny/MSDNet-PyTorch``, ``adaptive_inference.py``,
+        ``Tester.dynamic_eval_find_threshold`` (its ``T = 1e8`` when the count never reaches the quota).
     """
     k, n = scores.shape
     thresholds = torch.full((k,), float("inf"), dtype=torch.float64)
@@ -209,12 +304,9 @@ def fit_thresholds(scores: Tensor, fractions: Tensor) -> Tensor:
     for e in range(k - 1):
         out_n = math.floor(n * float(fractions[e]))
         s = scores[e].double()
-        if out_n > 0:
-            avail = s[left]
-            if out_n <= avail.numel():
-                thresholds[e] = avail.sort(descending=True).values[out_n - 1]
-            else:
-                thresholds[e] = avail.min() if avail.numel() else float("inf")
+        avail = s[left]
+        if 0 < out_n <= avail.numel():
+            thresholds[e] = avail.sort(descending=True).values[out_n - 1]
         left &= ~(s >= thresholds[e])
     return thresholds
 
@@ -222,7 +314,7 @@ def fit_thresholds(scores: Tensor, fractions: Tensor) -> Tensor:
 def budget_exit_counts(scores: Tensor, thresholds: Tensor) -> Tensor:
     """How many samples leave at each exit under ``score >= threshold`` (first allowed exit)."""
     k, n = scores.shape
-    allowed = scores.double() >= thresholds[:, None]
+    allowed = scores.double() >= thresholds.to(scores.device)[:, None]
     allowed[-1] = True
     first = allowed.float().argmax(0)
     return torch.bincount(first, minlength=k)
@@ -231,8 +323,14 @@ def budget_exit_counts(scores: Tensor, thresholds: Tensor) -> Tensor:
 def fit_thresholds_for_budget(scores: Tensor, costs: Sequence[float], budget: float, iters: int = 60) -> Tensor:
     """Thresholds of MSDNet's geometric family whose expected cost on ``scores`` is at most ``budget``.
 
-    Bisection on ``log p``: small ``p`` sends samples to the first exit, large ``p`` to the last.
+    Bisection on ``log p``: small ``p`` sends samples to the first exit, large ``p`` to the last. The limit
+    ``p -> 0`` (every sample at the first exit) belongs to the family, so any ``budget`` of at least the first
+    exit's cost is met, however few the samples; a smaller one is an :class:`InputError`.
+
+    The search runs on a float64 copy of ``scores`` on the CPU, wherever they were computed: it is a
+    sequence of small sorts, each followed by a host decision.
     """
+    scores = scores.detach().double().cpu()
     costs_t = torch.as_tensor(costs, dtype=torch.float64)
     n = scores.shape[1]
 
@@ -243,7 +341,13 @@ def fit_thresholds_for_budget(scores: Tensor, costs: Sequence[float], budget: fl
     lo, hi = math.log(1e-4), math.log(1e4)
     c_lo, t_lo = cost(lo)
     if c_lo > budget:
-        raise InputError(f"budget {budget:g} is below the cheapest achievable expected cost {c_lo:g}")
+        # The family's limit p -> 0 sends every sample to the first exit, but rounding the quotas down
+        # (floor(N q_k)) keeps a few samples from it at any p > 0 when N is small: take the limit itself.
+        if float(costs_t[0]) <= budget:
+            everyone_first = torch.full((scores.shape[0],), float("inf"), dtype=torch.float64)
+            everyone_first[0] = everyone_first[-1] = float("-inf")
+            return everyone_first
+        raise InputError(f"budget {budget:g} is below the cheapest exit's cost {float(costs_t[0]):g}")
     for _ in range(iters):
         mid = 0.5 * (lo + hi)
         c, t = cost(mid)
@@ -301,7 +405,7 @@ def budgeted_curve(val_logits: Sequence[Tensor], test_logits: Sequence[Tensor], 
     Returns one dict per ``p``: ``p``, ``mflops``, ``accuracy``, ``exit_fractions``, ``thresholds``.
     """
     ps = list(ps) if ps is not None else [i / 20 for i in range(1, 40)]
-    val_scores = policy_scores(val_logits, score, temperatures)
+    val_scores = policy_scores(val_logits, score, temperatures).double().cpu()  # thresholds are fitted on the host
     rows = []
     for p in ps:
         t = fit_thresholds(val_scores, geometric_fractions(p, len(val_logits)))

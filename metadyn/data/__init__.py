@@ -1,9 +1,10 @@
-"""Datasets: digits (bundled), glyphs (procedural), local folders (image trees, CIFAR), N-way K-shot episodes.
+"""Datasets: digits (bundled), glyphs (procedural), local folders (image trees, CIFAR, MNIST-family IDX files),
+N-way K-shot episodes.
 
 Importing this package registers every loader in :data:`metadyn.registry.DATASETS`.
 """
 
-from metadyn.data import digits, folders, glyphs  # noqa: F401  (register the loaders)
+from metadyn.data import digits, fashion_mnist, folders, glyphs  # noqa: F401  (register the loaders)
 from metadyn.data.base import (
     ClassificationData,
     Split,
@@ -14,6 +15,7 @@ from metadyn.data.base import (
 )
 from metadyn.data.episodes import ClassPool, Episode, EpisodeSampler
 from metadyn.data.glyphs import GLYPH_SPLITS, glyph_class_ids, render_glyphs
+from metadyn.data.local import MissingDataError, data_root
 
 __all__ = [
     "GLYPH_SPLITS",
@@ -21,8 +23,10 @@ __all__ = [
     "ClassificationData",
     "Episode",
     "EpisodeSampler",
+    "MissingDataError",
     "Split",
     "check_finite",
+    "data_root",
     "glyph_class_ids",
     "keep_labels",
     "load_classification",

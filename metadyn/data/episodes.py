@@ -129,6 +129,8 @@ class EpisodeSampler:
     def __init__(self, pool: ClassPool, n_way: int, k_shot: int, n_query: int, seed: int = 0):
         self.pool = pool
         self.n_way = _check_positive("n_way", n_way)
+        if n_way < 2:
+            raise InputError("n_way must be at least 2: a 1-way episode has nothing to tell apart")
         self.k_shot = _check_positive("k_shot", k_shot)
         self.n_query = _check_positive("n_query", n_query)
         self.seed = int(seed)

@@ -49,19 +49,46 @@ def _class_dirs(name: str, root: Path, depth: int) -> list[tuple[str, list[Path]
     return classes
 
 
+SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")  # 16-bit grayscale (PNG, TIFF): values 0..65535
+
+
 def _read_image(name: str, path: Path, size: int | None, grayscale: bool) -> np.ndarray:
-    """One image as ``(C, H, W)`` float32 in [0, 1]."""
-    from PIL import Image, UnidentifiedImageError
+    """One image as ``(C, H, W)`` float32 in [0, 1]: 8-bit modes divided by 255, 16-bit grayscale by 65535.
+
+    Modes with no fixed range (32-bit integers ``I``, floats ``F``) are refused, as are images whose header
+    claims more pixels than PIL's decompression-bomb limit (``Image.MAX_IMAGE_PIXELS``); any file PIL
+    cannot decode is a one-line :class:`InputError` naming it.
+    """
+    import warnings
+
+    from PIL import Image
 
     try:
-        with Image.open(path) as im:
-            im = im.convert("L" if grayscale else "RGB")
-            if size is not None and im.size != (size, size):
-                im = im.resize((size, size), Image.BILINEAR)
-            a = np.asarray(im, dtype=np.float32) / 255.0
-    except (OSError, UnidentifiedImageError) as e:
-        raise InputError(f"dataset {name!r}: cannot read image {str(path)!r} ({e})") from None
-    return a[None] if a.ndim == 2 else a.transpose(2, 0, 1)  # (H, W) | (H, W, C) -> (C, H, W)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                if im.mode in ("I", "F"):
+                    raise InputError(f"dataset {name!r}: image {str(path)!r} has mode {im.mode!r} (32-bit values "
+                                     "with no fixed range); save it with 8 or 16 bits per channel")
+                scale = 255.0
+                if im.mode in SIXTEEN_BIT_MODES:
+                    im, scale = im.convert("F"), 65535.0  # exact: float32 holds every 16-bit value
+                else:
+                    im = im.convert("L" if grayscale else "RGB")
+                if size is not None and im.size != (size, size):
+                    im = im.resize((size, size), Image.BILINEAR)
+                a = np.asarray(im, dtype=np.float32) / scale
+    except InputError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise InputError(f"dataset {name!r}: image {str(path)!r} claims more than {Image.MAX_IMAGE_PIXELS} "
+                         "pixels (a decompression bomb?); refused") from None
+    except Exception as e:  # noqa: BLE001 - any decoder error of an untrusted file
+        detail = " ".join(str(e).split())[:100] or type(e).__name__
+        raise InputError(f"dataset {name!r}: cannot read image {str(path)!r} ({detail})") from None
+    if a.ndim == 3:
+        return a.transpose(2, 0, 1)  # (H, W, C) -> (C, H, W)
+    return np.repeat(a[None], 1 if grayscale else 3, axis=0)  # (H, W) -> (1 | 3, H, W); 16-bit gray as RGB
 
 
 @DATASETS.register("folder")
@@ -85,8 +112,8 @@ def folder(
             whose class names are then ``"alphabet/character"``.
     """
     path = _require_root("folder", root)
-    if size is not None and (not isinstance(size, int) or size < 1):
-        raise InputError(f"dataset 'folder': size must be a positive integer or None, got {size!r}")
+    if size is not None and (isinstance(size, bool) or not isinstance(size, int) or not 1 <= size <= 4096):
+        raise InputError(f"dataset 'folder': size must be an integer in 1..4096 or None, got {str(size)[:40]}")
     if not isinstance(depth, int) or depth < 1:
         raise InputError(f"dataset 'folder': depth must be a positive integer, got {depth!r}")
     classes = _class_dirs("folder", path, depth)

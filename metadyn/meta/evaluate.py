@@ -13,8 +13,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
+from metadyn.core.device import fits_on, module_device
 from metadyn.core.flops import ExitCosts
 
 
@@ -43,20 +44,86 @@ def mean_ci(values: Tensor) -> tuple[float, float]:
     return float(v.mean()), half
 
 
+class DeviceEpisodes:
+    """Episodes of ``sampler`` gathered on ``device``: the pool's images are put there once (in ``dtype``) when
+    they fit (:func:`~metadyn.core.device.fits_on`) and every episode is gathered there with one index copy;
+    the labels, the same for every episode, are built there once. The episodes equal ``sampler.episode(i)`` /
+    ``sampler.batch(start, t)`` moved to ``device``; a sampler that is not a plain
+    :class:`~metadyn.data.EpisodeSampler`, or a pool too large for the device, is served that way."""
+
+    def __init__(self, sampler, device: torch.device | str, dtype: torch.dtype | None = None):
+        from metadyn.data.episodes import EpisodeSampler
+
+        self.sampler, self.device, self.dtype = sampler, torch.device(device), dtype
+        self.x = None
+        plain = type(sampler).episode is EpisodeSampler.episode and type(sampler).batch is EpisodeSampler.batch
+        x = getattr(getattr(sampler, "pool", None), "x", None)
+        if isinstance(sampler, EpisodeSampler) and plain and isinstance(x, Tensor):
+            dt = dtype if dtype is not None and x.is_floating_point() else x.dtype
+            if fits_on(self.device, x.numel() * torch.empty((), dtype=dt).element_size()):
+                self.x = x.to(self.device, dt)
+                labels = torch.arange(sampler.n_way, device=self.device)
+                self.sy = labels.repeat_interleave(sampler.k_shot)
+                self.qy = labels.repeat_interleave(sampler.n_query)
+
+    def _moved(self, tensors) -> tuple[Tensor, ...]:
+        return tuple(t.to(self.device, self.dtype) if self.dtype is not None and t.is_floating_point()
+                     else t.to(self.device) for t in tensors)
+
+    def episode(self, i: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """``(support_x, support_y, query_x, query_y)`` of episode ``i`` on the device."""
+        if self.x is None:
+            ep = self.sampler.episode(i)
+            return self._moved((ep.support_x, ep.support_y, ep.query_x, ep.query_y))
+        _, sup, qry = self.sampler.episode_indices(i)
+        idx = torch.cat([sup.flatten(), qry.flatten()]).to(self.device, non_blocking=True)
+        xs = self.x[idx]
+        n = self.sy.numel()
+        return xs[:n], self.sy, xs[n:], self.qy
+
+    def batch(self, start: int, meta_batch: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Episodes ``start .. start + meta_batch - 1`` stacked, as ``sampler.batch``, on the device."""
+        if self.x is None:
+            return self._moved(self.sampler.batch(start, meta_batch))
+        if isinstance(meta_batch, bool) or not isinstance(meta_batch, int) or meta_batch < 1:
+            self.sampler.batch(start, meta_batch)  # its own error
+        parts = [self.sampler.episode_indices(start + t) for t in range(meta_batch)]
+        sup = torch.stack([p[1].flatten() for p in parts])  # (T, N*K)
+        qry = torch.stack([p[2].flatten() for p in parts])  # (T, N*Q)
+        idx = torch.cat([sup, qry], 1).to(self.device, non_blocking=True)
+        xs = self.x[idx]  # (T, N*K + N*Q, C, H, W)
+        n = sup.shape[1]
+        return xs[:, :n], self.sy.expand(meta_batch, -1), xs[:, n:], self.qy.expand(meta_batch, -1)
+
+
+def predictor_device(predictor) -> torch.device:
+    """Where a predictor computes: a module's device, or the first of a stacked predictor's learners'."""
+    if isinstance(predictor, nn.Module):
+        return module_device(predictor)
+    for lrn in getattr(predictor, "learners", ()):
+        return predictor_device(lrn)
+    return torch.device("cpu")
+
+
 def evaluate_episodes(learner, sampler, episodes: int, start: int = 0, steps=None,
-                      device: torch.device | str = "cpu") -> FewShotResult:
+                      device: torch.device | str | None = None) -> FewShotResult:
     """Adapt ``learner`` (anything with ``predict(sx, sy, qx, steps) -> [logits per exit]``) on the
-    episodes ``start .. start + episodes - 1`` of ``sampler`` and score every exit on the queries."""
+    episodes ``start .. start + episodes - 1`` of ``sampler`` and score every exit on the queries.
+
+    Runs on ``device`` (``None``: the learner's); episodes are gathered there (:class:`DeviceEpisodes`), and the
+    scores stay there until the last episode (one copy back, not one per episode)."""
+    dev = predictor_device(learner) if device is None else torch.device(device)
+    source = DeviceEpisodes(sampler, dev)
     accs, logits, labels = [], [], []
     for i in range(start, start + episodes):
-        ep = sampler.episode(i).to(device)
-        out = learner.predict(ep.support_x, ep.support_y, ep.query_x, steps)
-        accs.append(torch.stack([(z.argmax(-1) == ep.query_y).double().mean() for z in out]).cpu())
-        logits.append([z.cpu() for z in out])
-        labels.append(ep.query_y.cpu())
+        sx, sy, qx, qy = source.episode(i)
+        out = learner.predict(sx, sy, qx, steps)
+        accs.append(torch.stack([(z.argmax(-1) == qy).double().mean() for z in out]))
+        logits.append(out)
+        labels.append(qy)
     k = len(logits[0])
-    return FewShotResult(torch.stack(accs), [torch.cat([lg[i] for lg in logits]) for i in range(k)],
-                         torch.cat(labels))
+    return FewShotResult(torch.stack(accs).cpu(), [torch.cat([lg[i] for lg in logits]).cpu() for i in range(k)],
+                         torch.cat(labels).cpu())
 
 
 def anytime_costs(costs: ExitCosts, own_trunk: Sequence[bool]) -> list[float]:

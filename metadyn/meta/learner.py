@@ -19,7 +19,8 @@ per-parameter inner rates). Normalisation must be per episode (``norm="batch_epi
 References:
     Finn et al., "Model-Agnostic Meta-Learning", ICML 2017 (Eq. 1, 2; first-order: Sec. 5.2);
     Raghu et al., "Rapid Learning or Feature Reuse? (ANIL)", ICLR 2020, Sec. 4;
-    Li et al., "Meta-SGD: Learning to Learn Quickly for Few-Shot Learning", 2017, Eq. 3-4.
+    Li et al., "Meta-SGD: Learning to Learn Quickly for Few-Shot Learning", 2017, Eq. 3-4 (and Sec. 4: the
+    rates alpha are initialised at random, uniformly in [0.005, 0.1]).
 """
 
 from __future__ import annotations
@@ -27,9 +28,9 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 
 import torch
-import torch.distributed as dist
 from torch import Tensor, nn
 
+from metadyn.core import distributed
 from metadyn.core.backbones.base import MultiExitNet
 from metadyn.errors import InputError
 from metadyn.meta.functional import (
@@ -41,6 +42,7 @@ from metadyn.meta.functional import (
     run_exits,
     swapped_parameters,
     to_channels_last,
+    vmapped,
 )
 
 ALGORITHMS = ("maml", "fomaml", "anil", "metasgd")
@@ -71,6 +73,8 @@ class _PrecomputedGrad(torch.autograd.Function):
     @staticmethod
     def backward(ctx, gout: Tensor):
         grads, ctx.grads = ctx.grads, None  # released, so that .grad can take over the buffers
+        if gout.device.type != "cpu":  # no host sync on a GPU: scale by the incoming gradient (1 from .backward())
+            return (None, None, *torch._foreach_mul(list(grads), gout))
         if bool(gout == 1):  # the usual loss.backward()
             return (None, None, *grads)
         return (None, None, *(gout * g for g in grads))
@@ -79,10 +83,13 @@ class _PrecomputedGrad(torch.autograd.Function):
 class MetaLearner(nn.Module):
     """A multi-exit network meta-learned with each exit as a task.
 
+    It all-reduces its own meta-gradients under ``torch.distributed`` (``syncs_gradients``), so
+    :func:`~metadyn.core.train.fit` does not wrap it in DistributedDataParallel.
+
     Args:
         net: a MultiExitNet with per-episode normalisation.
         algorithm: ``maml`` (second order), ``fomaml`` (first order), ``anil`` (adapt heads only) or
-            ``metasgd`` (learned per-parameter inner rates, initialised to ``inner_lr``).
+            ``metasgd`` (learned per-parameter inner rates, initialised by ``metasgd_init``).
         inner_lr: inner learning rate, or one per exit in ``exits``.
         inner_steps: inner steps during meta-training, or one per exit.
         exits: which exits are tasks: ``None`` = all, else a list of exit indices
@@ -90,10 +97,20 @@ class MetaLearner(nn.Module):
         exit_weights: ``w_i`` of the meta-objective (default 1 each).
         share_trunk: one inner loop for all exits whose trunk update is the sum of every exit's
             update (heads still take their own); this is joint multi-exit MAML.
+        metasgd_init: Meta-SGD's initial rates: ``"uniform"`` (the paper's: every rate drawn independently from
+            ``U[metasgd_range]``, torch's global generator) or ``"constant"`` (every rate ``inner_lr``, as
+            learn2learn's ``MetaSGD``; metadyn's earlier behaviour).
+        metasgd_range: ``(low, high)`` of the uniform initialisation (the paper's ``[0.005, 0.1]``).
         channels_last: run the query passes in channels-last layout (``None``: on the CPU, where it makes
-            normalisation and pooling several times faster; the support passes, small and differentiated
-            twice, keep their layout: per-channel reductions of BatchNorm's double backward are slower
-            channels-last).
+            normalisation and pooling several times faster, and on CUDA, where cuDNN's convolutions prefer it;
+            the support passes, small and differentiated twice, keep their layout: per-channel reductions of
+            BatchNorm's double backward are slower channels-last).
+        batched: compute the meta-gradient of a meta-batch with its episodes batched by ``torch.func.vmap``
+            (:func:`~metadyn.meta.functional.vmapped`) instead of episode after episode; ``None``: on CUDA, where
+            launching the small operations of one episode at a time leaves the GPU idle. Without a consistency
+            term only; the same meta-gradient up to floating point.
+        batch_chunk: episodes per batched call (``None``: the whole meta-batch, or this rank's share of it);
+            memory grows with it.
 
     Example::
 
@@ -104,10 +121,14 @@ class MetaLearner(nn.Module):
         logits = learner.predict(ep.support_x, ep.support_y, ep.query_x)   # one (Q, N) per exit
     """
 
+    syncs_gradients = True
+
     def __init__(self, net: MultiExitNet, algorithm: str = "maml", inner_lr: float | Sequence[float] = 0.4,
                  inner_steps: int | Sequence[int] = 1, exits: Sequence[int] | None = None,
                  exit_weights: Sequence[float] | None = None, share_trunk: bool = False,
-                 channels_last: bool | None = None, consistency: nn.Module | None = None):
+                 channels_last: bool | None = None, consistency: nn.Module | None = None,
+                 metasgd_init: str = "uniform", metasgd_range: Sequence[float] = (0.005, 0.1),
+                 batched: bool | None = None, batch_chunk: int | None = None):
         super().__init__()
         if algorithm not in ALGORITHMS:
             raise InputError(f"unknown meta-learning algorithm {algorithm!r}; choose from: {', '.join(ALGORITHMS)}")
@@ -131,14 +152,25 @@ class MetaLearner(nn.Module):
             raise InputError(f"share_trunk needs one inner_steps for all exits, got {self.inner_steps}")
         if algorithm == "metasgd" and len(set(self.inner_lr)) > 1:
             raise InputError("metasgd learns its own per-parameter rates: give one inner_lr to start from")
+        if metasgd_init not in ("uniform", "constant"):
+            raise InputError(f"unknown metasgd_init {metasgd_init!r}; choose from: uniform, constant")
+        try:
+            lo, hi = (float(v) for v in metasgd_range)
+        except (TypeError, ValueError):
+            lo = hi = None
+        if lo is None or not 0 <= lo <= hi:
+            raise InputError(f"metasgd_range must be [low, high] with 0 <= low <= high, got {list(metasgd_range)}")
         self.channels_last = channels_last
+        self.batched, self.batch_chunk = batched, batch_chunk
         self._runner = [ExitRunner(net)]  # a list: not a submodule, so the parameters are not listed twice
         self.inner_lrs = nn.ParameterDict()
-        if algorithm == "metasgd":
+        if algorithm == "metasgd":  # Li et al. 2017, Sec. 4: alpha initialised at random in [0.005, 0.1]
             for name, p in self._leaf_params().items():
-                self.inner_lrs[name.replace(".", "__")] = nn.Parameter(torch.full_like(p, self.inner_lr[0]))
+                rate = (torch.full_like(p, self.inner_lr[0]) if metasgd_init == "constant" else
+                        torch.empty_like(p).uniform_(lo, hi))
+                self.inner_lrs[name.replace(".", "__")] = nn.Parameter(rate)
         self._paths: dict[int, tuple[list[str], list[str]]] | None = None
-        self.last_stats: dict = {}
+        self._stats: Tensor | None = None  # the last meta-batch's query losses and accuracies (see last_stats)
         # Idea 3 in the outer loop: an ExitConsistency (metadyn.consistency) whose weighted term, on each
         # episode's support and query images through the meta-parameters, joins the meta-objective.
         self.consistency = consistency
@@ -201,20 +233,33 @@ class MetaLearner(nn.Module):
         return dict.fromkeys(keys, rate)
 
     def _input(self, x: Tensor) -> Tensor:
-        cl = self.channels_last if self.channels_last is not None else x.device.type == "cpu"
+        cl = self.channels_last if self.channels_last is not None else x.device.type in ("cpu", "cuda")
         return to_channels_last(x) if cl else x
+
+    @property
+    def last_stats(self) -> dict:
+        """The last meta-batch's mean query loss and accuracy of each exit (read from the device only when asked)."""
+        if self._stats is None:
+            return {}
+        k = len(self.exits)
+        values = self._stats.tolist()
+        return {"query_loss": values[:k], "query_accuracy": values[k:2 * k]}
 
     # ------------------------------------------------------------------ adaptation
 
     def episode_logits(self, params: Params, sx: Tensor, sy: Tensor, qx: Tensor, second_order: bool,
-                       steps: Sequence[int] | None = None) -> Iterator[tuple[tuple[int, ...], list[Tensor]]]:
+                       steps: Sequence[int] | None = None,
+                       functional: bool = False) -> Iterator[tuple[tuple[int, ...], list[Tensor]]]:
         """Adapt on one episode's support set and yield ``(exits, query logits)`` task group by task group.
 
         A group is one exit (exits as separate tasks), all exits (``share_trunk``, ANIL). Yielding
         group by group lets the caller differentiate and free each group's graph before the next.
+        ``functional``: inner gradients by ``torch.func.grad``, for a caller under ``torch.func.vmap`` (the
+        exit paths must have been found already, :meth:`exit_paths`).
         """
         steps = self.inner_steps if steps is None else list(steps)
-        qx = self._input(qx)  # the support set is small and differentiated twice: its layout stays
+        if not functional:
+            qx = self._input(qx)  # the support set is small and differentiated twice: its layout stays
         paths = self.exit_paths(sx)
         pos = {e: j for j, e in enumerate(self.exits)}
         runner = self.runner
@@ -230,7 +275,8 @@ class MetaLearner(nn.Module):
                     return cross_entropy(run_exits(runner, p, s, (e,), "head")[0], sy)
 
                 head = paths[e][1]
-                fast = inner_loop(head_loss, params, head, self._lrs(head, self.inner_lr[j]), steps[j], second_order)
+                fast = inner_loop(head_loss, params, head, self._lrs(head, self.inner_lr[j]), steps[j], second_order,
+                                  functional)
                 logits.append(run_exits(runner, fast, q_state, (e,), "head")[0])
             yield self.exits, logits
             return
@@ -244,7 +290,7 @@ class MetaLearner(nn.Module):
                 scale = [1.0] * len(out) if self.algorithm == "metasgd" else rates
                 return sum(r * cross_entropy(z, sy) for r, z in zip(scale, out))
 
-            fast = inner_loop(joint_loss, params, keys, self._lrs(keys, 1.0), steps[0], second_order)
+            fast = inner_loop(joint_loss, params, keys, self._lrs(keys, 1.0), steps[0], second_order, functional)
             yield self.exits, run_exits(runner, fast, qx, self.exits)
             return
 
@@ -255,7 +301,8 @@ class MetaLearner(nn.Module):
                 return cross_entropy(run_exits(runner, p, sx, (e,))[0], sy)
 
             path = paths[e][0]
-            fast = inner_loop(exit_loss, params, path, self._lrs(path, self.inner_lr[j]), steps[j], second_order)
+            fast = inner_loop(exit_loss, params, path, self._lrs(path, self.inner_lr[j]), steps[j], second_order,
+                              functional)
             yield (e,), run_exits(runner, fast, qx, (e,))
 
     @torch.no_grad()
@@ -273,45 +320,66 @@ class MetaLearner(nn.Module):
     def meta_gradient(self, batch: Batch) -> tuple[Tensor, list[Tensor]]:
         """Mean over the batch's episodes of the meta-objective, and its gradient for :meth:`parameters`.
 
-        Computed episode by episode and task group by task group (one graph alive at a time). Under
-        ``torch.distributed`` each rank takes the episodes ``rank, rank + world, ...`` and the sums are
-        all-reduced, so every rank ends with the gradient of the whole meta-batch.
+        Computed episode by episode and task group by task group (one graph alive at a time), or with the
+        episodes batched (``batched``, see the class). Under ``torch.distributed`` each rank takes the
+        episodes ``rank, rank + world, ...`` and the sums are all-reduced (in buckets), so every rank ends with
+        the gradient of the whole meta-batch.
         """
         sx, sy, qx, qy = batch
         t_all = len(sx)
-        rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() \
-            else (0, 1)
+        rank, world = distributed.rank(), distributed.world_size()
         params = self._leaf_params()
         leaves = self._outer_leaves()
         grads: list[Tensor | None] = [None] * len(leaves)
         k = len(self.exits)
         stats = torch.zeros(2 * k + 1, dtype=torch.float64, device=sx.device)  # loss, acc per exit; total
         second = self.algorithm != "fomaml"  # ANIL: second order through the head loop, as MAML
-        weight = dict(zip(self.exits, self.exit_weights))
-        pos = {e: j for j, e in enumerate(self.exits)}
-        for t in range(rank, t_all, world):
-            for exits, logits in self.episode_logits(params, sx[t], sy[t], qx[t], second):
-                losses = [cross_entropy(z, qy[t]) for z in logits]
-                total = sum(weight[e] * ls for e, ls in zip(exits, losses)) / t_all
-                for j, d in enumerate(torch.autograd.grad(total, leaves, allow_unused=True)):
-                    if d is not None:  # the first gradient becomes the accumulator: no extra buffer
-                        grads[j] = d if grads[j] is None else grads[j].add_(d)
-                for e, ls, z in zip(exits, losses, logits):
-                    stats[pos[e]] += ls.detach() / t_all
-                    stats[k + pos[e]] += accuracy(z, qy[t]) / t_all
+
+        def add(total: Tensor) -> None:
+            for j, d in enumerate(torch.autograd.grad(total, leaves, allow_unused=True)):
+                if d is not None:  # the first gradient becomes the accumulator: no extra buffer
+                    grads[j] = d if grads[j] is None else grads[j].add_(d)
+
+        mine = list(range(rank, t_all, world))
+        batched = self.batched if self.batched is not None else sx.device.type == "cuda"
+        if batched and self.consistency is None and mine:
+            self.exit_paths(sx[mine[0]])
+            weights = torch.tensor(self.exit_weights, dtype=stats.dtype, device=sx.device)
+
+            def episode(sx_t: Tensor, sy_t: Tensor, qx_t: Tensor, qy_t: Tensor) -> tuple[Tensor, Tensor]:
+                logits = [z for _, zs in self.episode_logits(params, sx_t, sy_t, qx_t, second, functional=True)
+                          for z in zs]  # in the order of self.exits
+                return (torch.stack([cross_entropy(z, qy_t) for z in logits]),
+                        torch.stack([accuracy(z, qy_t) for z in logits]))
+
+            step = len(mine) if self.batch_chunk is None else max(1, int(self.batch_chunk))
+            own = [b[rank::world] for b in (sx, sy, qx, qy)]  # this rank's episodes (views)
+            for s in range(0, len(mine), step):
+                losses, accs = vmapped(episode, self.net, *(b[s : s + step] for b in own))  # (t, K) each
+                total = (losses * weights.to(losses.dtype)).sum() / t_all
+                add(total)
+                stats[:k] += losses.detach().sum(0) / t_all
+                stats[k:2 * k] += accs.sum(0) / t_all
                 stats[-1] += total.detach()
-            if self.consistency is not None:  # one term per episode, on all its images
-                aux = self.consistency_term(params, torch.cat([sx[t], qx[t]])) / t_all
-                for j, d in enumerate(torch.autograd.grad(aux, leaves, allow_unused=True)):
-                    if d is not None:
-                        grads[j] = d if grads[j] is None else grads[j].add_(d)
-                stats[-1] += aux.detach()
+        else:
+            weight = dict(zip(self.exits, self.exit_weights))
+            pos = {e: j for j, e in enumerate(self.exits)}
+            for t in mine:
+                for exits, logits in self.episode_logits(params, sx[t], sy[t], qx[t], second):
+                    losses = [cross_entropy(z, qy[t]) for z in logits]
+                    total = sum(weight[e] * ls for e, ls in zip(exits, losses)) / t_all
+                    add(total)
+                    for e, ls, z in zip(exits, losses, logits):
+                        stats[pos[e]] += ls.detach() / t_all
+                        stats[k + pos[e]] += accuracy(z, qy[t]) / t_all
+                    stats[-1] += total.detach()
+                if self.consistency is not None:  # one term per episode, on all its images
+                    aux = self.consistency_term(params, torch.cat([sx[t], qx[t]])) / t_all
+                    add(aux)
+                    stats[-1] += aux.detach()
         grads = [torch.zeros_like(p) if g is None else g for p, g in zip(leaves, grads)]  # off every path: 0
-        if world > 1:
-            for g in grads:
-                dist.all_reduce(g)
-            dist.all_reduce(stats)
-        self.last_stats = {"query_loss": stats[:k].tolist(), "query_accuracy": stats[k:2 * k].tolist()}
+        distributed.all_reduce_coalesced([*grads, stats])
+        self._stats = stats[:2 * k]
         return stats[-1].to(sx.dtype if sx.is_floating_point() else torch.float32), grads
 
     def forward(self, batch: Batch) -> Tensor:

@@ -14,19 +14,23 @@ from pathlib import Path
 
 import torch
 
+from metadyn.core import distributed
 from metadyn.core.callbacks import Callback, TrainState
-from metadyn.core.train import fit, load_checkpoint, save_checkpoint
+from metadyn.core.device import module_device
+from metadyn.core.train import fit, load_checkpoint, pick_device, save_checkpoint
 
 
 def episode_stream(sampler, iterations: int, meta_batch: int, device, dtype: torch.dtype | None = None):
     """``epoch -> iterable of (meta_batch, None)`` for :func:`~metadyn.core.train.fit`: the same episodes for the
-    same epoch on every call and every process (episode ``(epoch * iterations + i) * meta_batch + j``)."""
+    same epoch on every call and every process (episode ``(epoch * iterations + i) * meta_batch + j``), gathered
+    on ``device`` from a pool put there once (:class:`~metadyn.meta.evaluate.DeviceEpisodes`)."""
+    from metadyn.meta.evaluate import DeviceEpisodes
+
+    source = DeviceEpisodes(sampler, device, dtype)
 
     def episodes(epoch: int):
         for i in range(iterations):
-            batch = sampler.batch((epoch * iterations + i) * meta_batch, meta_batch)
-            yield tuple(b.to(device, dtype) if dtype is not None and b.is_floating_point() else b.to(device)
-                        for b in batch), None
+            yield source.batch((epoch * iterations + i) * meta_batch, meta_batch), None
 
     return episodes
 
@@ -54,7 +58,7 @@ class BestOnVal(Callback):
 
         acc = evaluate_episodes(self.predictor, self.sampler, self.episodes, steps=self.steps,
                                 device=self.device).accuracy.mean(0)
-        score = float(acc.mean())
+        score = distributed.from_rank0(float(acc.mean()), self.device)  # every rank keeps the same epoch
         stats = getattr(self.module, "last_stats", {})
         state.history[-1].update(val_accuracy=acc.tolist(), val_score=score,
                                  train_query_accuracy=stats.get("query_accuracy"))
@@ -76,9 +80,12 @@ class StackedPredictor:
 
 def meta_fit(learner, train_sampler, val_sampler, out: Path, *, epochs: int = 10, iterations: int = 25,
              meta_batch: int = 8, lr: float = 1e-3, optimizer: str = "adam", val_episodes: int = 100,
-             eval_steps=None, seed: int = 0, device="cpu", progress: bool = True) -> list[dict]:
+             eval_steps=None, seed: int = 0, device=None, progress: bool = True) -> list[dict]:
     """Meta-train ``learner`` for ``epochs`` x ``iterations`` meta-batches; keep the epoch with the best mean
-    meta-val accuracy (loaded into ``learner`` at the end). Returns the per-epoch history."""
+    meta-val accuracy (loaded into ``learner`` at the end). Returns the per-epoch history. ``device``: where to
+    train (``None``: where the learner is). Under ``torchrun`` rank 0 writes ``out``'s files and every rank
+    reads them."""
+    device = module_device(learner) if device is None else pick_device(device)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     best = BestOnVal(learner, learner, val_sampler, val_episodes, eval_steps, device, out / "best.pt")

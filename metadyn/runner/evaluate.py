@@ -61,6 +61,25 @@ def evaluate_exits(model, data, ev, group: str = "model") -> ExitEval:
     return ExitEval(val, calib, test, temps, costs, rows)
 
 
+def scored_accuracy(logits: torch.Tensor, y: torch.Tensor) -> float:
+    """Accuracy where a sample whose logits are not all finite (a diverged network's NaN output) is wrong."""
+    ok = torch.isfinite(logits).all(-1) & (torch.nan_to_num(logits).argmax(-1) == y)
+    return float(ok.double().mean())
+
+
+def diverged_rows(model, data, ev, group: str = "model") -> list[dict]:
+    """Per-exit rows of a network whose training diverged (its loss became NaN), scored as it stands: test and
+    val accuracy with non-finite outputs counted as misclassified (:func:`scored_accuracy`), cumulative MFLOPs,
+    no ECE. Every row has ``diverged: True``; :func:`aggregate` counts such a run in the mean with what it
+    scored and marks it."""
+    model.eval()
+    val, test = (collect_logits(model, s.x, ev.batch_size) for s in (data.val, data.test))
+    costs = exit_costs(model, data.in_shape)
+    return [{"group": group, "exit": i, "accuracy": scored_accuracy(test[i], data.test.y),
+             "mflops": costs.cumulative[i] / 1e6, "ece": None, "ece_calibrated": None, "temperature": None,
+             "val_accuracy": scored_accuracy(val[i], data.val.y), "diverged": True} for i in range(len(test))]
+
+
 def reliability_of(e: ExitEval, y: torch.Tensor, bins: int) -> dict:
     """Reliability diagrams of every exit before and after temperature scaling."""
     return {"before": [reliability(lg, y, bins) for lg in e.test],
@@ -104,7 +123,8 @@ def operating_point(model, val: list[torch.Tensor], test: list[torch.Tensor], x:
 
 def sweep(variants: Sequence[str], seeds: Sequence[int], train_one: Callable[[str, int], dict]) -> dict:
     """Run ``train_one(variant, seed)`` for every seed and variant (seed-major); a training whose loss became
-    NaN is recorded as ``None`` (diverged) and the sweep goes on. Returns ``{(variant, seed): result}``."""
+    NaN and that ``train_one`` did not score itself (:func:`diverged_rows`) is recorded as ``None`` (diverged,
+    unmeasured) and the sweep goes on. Returns ``{(variant, seed): result}``."""
     out = {}
     for seed in seeds:
         for v in variants:
@@ -116,7 +136,7 @@ def sweep(variants: Sequence[str], seeds: Sequence[int], train_one: Callable[[st
 
 
 def mean_std(values: Sequence[float | None]) -> tuple[float | None, float | None]:
-    """Mean and sample standard deviation of the values that are not None (diverged runs)."""
+    """Mean and sample standard deviation of the values that are not None."""
     vals = [v for v in values if v is not None]
     if not vals:
         return None, None
@@ -125,18 +145,28 @@ def mean_std(values: Sequence[float | None]) -> tuple[float | None, float | None
 
 def aggregate(runs: Sequence[Sequence[dict] | None], keys: Sequence[str] = ("accuracy",),
               group: str = "") -> list[dict]:
-    """Per-exit rows of several seeds (``None``: a diverged run) -> one row per exit with the mean of each
-    key, ``<key>_std``, ``n`` (runs that finished) and ``diverged``; other keys from the first run. When every
-    run diverged, one row of ``group`` with no accuracy says so (nothing is dropped silently)."""
+    """Per-exit rows of several seeds -> one row per exit with the mean of each key over every run that has rows,
+    ``<key>_std``, ``n`` (runs that finished normally) and ``diverged`` (runs whose training diverged); other
+    keys from the first run that finished normally.
+
+    A diverged run is either ``None`` (nothing could be measured: it is left out of the mean) or a list of rows
+    marked ``diverged: True`` (scored as it stands, :func:`diverged_rows`: it counts in the mean with what it
+    scored, and ``diverged_in_mean`` says how many such runs the mean holds). So ``n + diverged`` is the number
+    of runs, and nothing is dropped silently. When no run has rows, one row of ``group`` with no accuracy says
+    so."""
     done = [r for r in runs if r is not None]
     if not done:
         return [{"group": group, "exit": 0, "accuracy": None, "mflops": None, "n": 0, "diverged": len(runs)}]
+    scored = sum(1 for r in done if r and r[0].get("diverged"))
+    model_run = next((r for r in done if not (r and r[0].get("diverged"))), done[0])  # other keys: a finished run's
     out = []
-    for i, first in enumerate(done[0]):
-        row = dict(first)
+    for i, first in enumerate(model_run):
+        row = {k: v for k, v in first.items() if k != "diverged"}
         for k in keys:
             row[k], row[f"{k}_std"] = mean_std([r[i][k] for r in done])
-        row["n"], row["diverged"] = len(done), len(runs) - len(done)
+        row["n"], row["diverged"] = len(done) - scored, len(runs) - len(done) + scored
+        if scored:
+            row["diverged_in_mean"] = scored
         out.append(row)
     return out
 

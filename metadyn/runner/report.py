@@ -100,10 +100,26 @@ def pyplot():
 
 
 def _save(fig, path: Path, dpi: int = 120) -> None:
+    """Write ``fig`` as a PNG atomically (temp file, then rename), with the umask's permissions."""
+    import os
+    import tempfile
+
+    from metadyn.runner.results import file_mode
+
     plt = pyplot()
-    fig.tight_layout()
-    fig.savefig(path, dpi=dpi)
-    plt.close(fig)
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            os.fchmod(f.fileno(), file_mode())
+            fig.tight_layout()
+            fig.savefig(f, dpi=dpi, format="png")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    finally:
+        plt.close(fig)
 
 
 def plot_groups(path: Path, rows: Sequence[dict], curves: Sequence[dict], title: str, x: str = "mflops",

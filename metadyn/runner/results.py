@@ -38,19 +38,48 @@ class Results:
 
 
 def settings(device) -> dict:
-    """What a figure depends on besides the config: device, threads, precision, versions."""
+    """What a figure depends on besides the config: device (and its name; CUDA and cuDNN versions on a GPU),
+    intra-op threads (the summation order of a CPU convolution depends on how many threads split it, so a
+    different count can change a few predictions), the kernel switches (deterministic algorithms, cuDNN
+    autotuning, TF32 in matrix multiplications and convolutions: :func:`metadyn.core.device.configure_kernels`),
+    the precision of fits and inference, the number of processes, and versions. A run is bit-reproducible when
+    all of these agree (on a GPU, only with deterministic kernels)."""
     import torch
 
-    return {"device": str(device), "threads": torch.get_num_threads(), "dtype": str(torch.get_default_dtype()),
-            "torch": torch.__version__, "reuse_freed_memory": os.environ.get("METADYN_REUSE_MEMORY", "1") != "0"}
+    from metadyn.core import distributed
+    from metadyn.core.device import environment
+
+    env = environment(device)
+    return {"device": str(device), "device_name": env["device_name"], "cuda": env["cuda"], "cudnn": env["cudnn"],
+            "threads": torch.get_num_threads(), "interop_threads": torch.get_num_interop_threads(),
+            "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
+            "deterministic_algorithms": env["deterministic_algorithms"],
+            "cudnn_deterministic": env["cudnn_deterministic"], "cudnn_benchmark": env["cudnn_benchmark"],
+            "matmul_fp32_precision": env["matmul_fp32_precision"], "conv_fp32_precision": env["conv_fp32_precision"],
+            "precision": env["precision"], "world_size": distributed.world_size(),
+            "dtype": str(torch.get_default_dtype()), "torch": torch.__version__,
+            "reuse_freed_memory": os.environ.get("METADYN_REUSE_MEMORY", "1") != "0"}
+
+
+def file_mode() -> int:
+    """The permissions a new file gets under the process's umask (``mkstemp`` alone would give 0600)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return 0o666 & ~mask
 
 
 def atomic_write_text(path: Path, text: str) -> None:
-    """Write a text file through a temp file and a rename, so readers never see half a file."""
+    """Write a text file through a temp file and a rename, so readers never see half a file; the file gets
+    the umask's permissions, like any other file the run writes."""
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    try:
+        with os.fdopen(fd, "w") as f:
+            os.fchmod(f.fileno(), file_mode())
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def _finite(obj: Any) -> Any:

@@ -28,8 +28,8 @@ class DataSpec:
 
     name: str = "digits"
     root: str | None = None
-    val_fraction: float = spec(0.1, ge=0, lt=1)
-    calib_fraction: float = spec(0.1, ge=0, lt=1)
+    val_fraction: float = spec(0.1, gt=0, lt=1)
+    calib_fraction: float = spec(0.1, gt=0, lt=1)
     test_fraction: float = spec(0.2, gt=0, lt=1)
     options: dict = field(default_factory=dict)
 

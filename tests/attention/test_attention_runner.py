@@ -4,6 +4,7 @@ from pathlib import Path
 import pytest
 
 from metadyn.cli import main
+from metadyn.core.train import pick_device
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = ["--no-progress", "--set", "train.epochs=1", "--set", "model.options={depth: 8, exits: [1, 2, 3], width: 4}"]
@@ -30,13 +31,16 @@ def test_attention_run_reports_every_variant(run):
     p = m["extra"]["params"]
     assert p["detachable"] == p["own"] < p["own"] + p["later"]
     assert v["detachable"][-1]["accuracy"] == v["later"][-1]["accuracy"]  # final exit frozen in stage 2
-    assert all(b["mismatches"] == 0 for b in m["budgets"]) and {b["group"] for b in m["budgets"]} <= set(v) - {"later"}
+    allowed = 0 if pick_device("auto").type == "cpu" else 3  # TF32 convolutions near a threshold on a GPU
+    assert all(b["mismatches"] <= allowed for b in m["budgets"])
+    assert {b["group"] for b in m["budgets"]} <= set(v) - {"later"}
     d = m["extra"]["distance"]
     assert set(d) == {"init", "detachable", "detachable_no_at"} and all(0 <= mu <= 2 for mu, _ in d["init"])
     assert len(m["comparisons"]) == 5 * 2  # five pairs x two early exits
     report = (run / "report.md").read_text()
     for heading in ("Test accuracy % per exit", "Attention-transfer distance", "Early exit at", "Paired differences"):
         assert heading in report
+    assert "One data split (from `seed: " in report and "not over splits" in report  # the protocol says it
     assert (run / "accuracy_vs_mflops.png").stat().st_size > 0
     assert (run / "checkpoints" / "seed0" / "detachable.pt").exists()
 

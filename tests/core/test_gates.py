@@ -96,11 +96,55 @@ def test_blockdrop_loss_self_critical_and_curriculum_mask():
     adv = torch.tensor([(1 - (1 / 3) ** 2) - 0.0, -gamma - (1 - (2 / 3) ** 2)])
     lp = torch.log(torch.tensor([[0.7, 0.6, 0.8], [0.6, 0.5, 0.7]]))
     expected = -((lp[:, 1:] * adv[:, None]).sum(1)).mean()
-    assert torch.allclose(blockdrop_loss(gamma)(out, y), expected)
-    joint = blockdrop_loss(gamma, joint=True)(out, y)
+    assert torch.allclose(blockdrop_loss(gamma, entropy=0.0)(out, y), expected)
+    joint = blockdrop_loss(gamma, joint=True, entropy=0.0)(out, y)
     assert torch.allclose(joint, expected + F.cross_entropy(logits, y))
+    # the released curriculum code's entropy bonus: beta * sum over all blocks of -p log p, per sample
+    ent = -(probs * torch.log(probs)).sum(1).mean()
+    assert torch.allclose(blockdrop_loss(gamma)(out, y), expected - 0.1 * ent)
     with pytest.raises(InputError, match="sample"):
         blockdrop_loss(gamma)(GatedOutput(logits, probs, actions), y)
+    with pytest.raises(InputError, match="entropy"):
+        blockdrop_loss(gamma, entropy=-0.1)
+
+
+def test_blockdrop_curriculum_loss_equals_the_released_code():
+    """Value and policy-network gradient against a port of ``train()`` in Tushar-N/blockdrop's cl_training.py
+    (reward, self-critical advantage, curriculum mask, entropy bonus with beta = 0.1, division by the batch)."""
+    from torch.distributions import Bernoulli
+
+    g = torch.Generator().manual_seed(0)
+    b, k, cl_step, alpha, beta, penalty = 6, 5, 2, 0.8, 0.1, -1.0
+    raw = torch.rand(b, k, generator=g, dtype=torch.float64)
+    y = torch.randint(3, (b,), generator=g)
+    preds_sample, preds_map = torch.randn(b, 3, generator=g), torch.randn(b, 3, generator=g)
+    policy_map = (raw >= 0.5).double()
+    policy_map[:, :-cl_step] = 1
+    policy = torch.bernoulli(torch.full((b, k), 0.5, dtype=torch.float64), generator=g)
+    policy[:, :-cl_step] = 1
+
+    def get_reward(preds, policy_):
+        reward = 1.0 - (policy_.sum(1) / policy_.size(1)) ** 2
+        reward[preds.argmax(1) != y] = penalty
+        return reward.unsqueeze(1)
+
+    s_ref = raw.clone().requires_grad_(True)
+    probs = s_ref * alpha + (1 - s_ref) * (1 - alpha)
+    advantage = get_reward(preds_sample, policy) - get_reward(preds_map, policy_map)
+    mask = torch.ones(b, k, dtype=torch.float64)
+    mask[:, :-cl_step] = 0
+    loss = (mask * (-Bernoulli(probs).log_prob(policy) * advantage.expand_as(policy))).sum()
+    probs = probs.clamp(1e-15, 1 - 1e-15)
+    ref = (loss - beta * (-probs * torch.log(probs)).sum()) / b
+    ref.backward()
+
+    s_ours = raw.clone().requires_grad_(True)
+    learn = torch.zeros(k, dtype=torch.bool)
+    learn[-cl_step:] = True
+    out = GatedOutput(preds_sample, bound_probs(s_ours, alpha), policy, preds_map, policy_map, learn)
+    ours = blockdrop_loss(-penalty)(out, y)
+    ours.backward()
+    assert torch.allclose(ours, ref, rtol=1e-10) and torch.allclose(s_ours.grad, s_ref.grad, rtol=1e-9)
 
 
 def test_bound_probs():

@@ -105,3 +105,77 @@ def test_fit_thresholds_for_budget_respects_budget():
         assert spent >= budget - 0.1  # and close to it
     with pytest.raises(InputError):
         fit_thresholds_for_budget(scores, costs, 0.5)
+
+
+def _reference_find_threshold(scores, p):
+    """Port of ``Tester.dynamic_eval_find_threshold`` (kalviny/MSDNet-PyTorch, adaptive_inference.py): the
+    threshold loop on ``max_preds`` (here the scores), with its ``1e8`` / ``-1e8`` sentinels."""
+    m, n = scores.shape
+    _, sorted_idx = scores.sort(dim=1, descending=True)
+    filtered = torch.zeros(n)
+    T = torch.full((m,), 1e8, dtype=torch.float64)
+    for k in range(m - 1):
+        count = 0
+        out_n = math.floor(n * float(p[k]))
+        for i in range(n):
+            ori_idx = sorted_idx[k][i]
+            if filtered[ori_idx] == 0:
+                count += 1
+                if count == out_n:
+                    T[k] = scores[k][ori_idx]
+                    break
+        filtered.add_(scores[k].ge(T[k]).type_as(filtered))
+    T[m - 1] = -1e8
+    return T
+
+
+def test_fit_thresholds_tied_case_by_hand():
+    # exit 0: three tied top scores; its quota (1) takes the tie, all three leave; exit 1's quota (2) exceeds
+    # the one sample left: unreachable threshold, the sample goes on to the final exit (as the reference)
+    scores = torch.tensor([[1.0, 1.0, 1.0, 0.5], [0.9, 0.9, 0.9, 0.9], [0.1, 0.1, 0.1, 0.1]], dtype=torch.float64)
+    t = fit_thresholds(scores, torch.tensor([0.25, 0.5, 0.25]))
+    assert t.tolist() == [1.0, math.inf, -math.inf]
+    assert budget_exit_counts(scores, t).tolist() == [3, 0, 1]
+    assert _reference_find_threshold(scores, [0.25, 0.5, 0.25])[:2].tolist() == [1.0, 1e8]
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_fit_thresholds_equals_the_reference_with_saturated_ties(seed):
+    g = torch.Generator().manual_seed(seed)
+    k, n = 5, 200
+    scores = torch.rand(k, n, generator=g, dtype=torch.float64)
+    scores[scores > 0.6] = 1.0  # saturated softmax: many samples tie at exactly 1.0
+    for p in (0.05, 0.3, 0.7, 1.0, 1.5, 3.0):
+        q = geometric_fractions(p, k)
+        ours, ref = fit_thresholds(scores, q), _reference_find_threshold(scores, q)
+        ref = torch.where(ref >= 1e8, math.inf, torch.where(ref <= -1e8, -math.inf, ref))
+        assert torch.equal(ours, ref), (seed, p)
+
+
+def test_ensemble_fallback_policy_equals_scans_inference_code():
+    """A port of SCAN's inference.py loop: per sample, the first classifier (shallow to deep, the deepest
+    included) whose softmax maximum exceeds its threshold predicts; else the mean of all classifiers' logits."""
+    from metadyn.core.policies import EnsembleFallbackPolicy
+    from metadyn.registry import POLICIES
+
+    g = torch.Generator().manual_seed(0)
+    logits = [torch.randn(300, 6, generator=g) * s for s in (1.0, 2.0, 3.0, 4.0)]
+    thresholds = [0.9, 0.85, 0.8, 0.7]
+    pol = POLICIES.get("ensemble_fallback")(thresholds)
+    assert isinstance(pol, EnsembleFallbackPolicy)
+    idx, chosen = pick_exits(logits, pol)
+    ensemble = sum(logits) / len(logits)
+    probs = [lg.softmax(-1) for lg in logits]
+    for n in range(300):
+        want_idx, want = 3, ensemble[n]
+        for c in range(4):
+            if float(probs[c][n].max()) >= thresholds[c]:  # the code's judge() uses '>': equal at ties only
+                want_idx, want = c, logits[c][n]
+                break
+        assert int(idx[n]) == want_idx and torch.allclose(chosen[n], want)
+    fell_back = ~torch.stack([p.amax(-1) >= t for p, t in zip(probs, thresholds)]).any(0)
+    assert 0 < int(fell_back.sum()) < 300  # both cases occur
+    # a last threshold of -inf never falls back: the plain confidence policy
+    plain = pick_exits(logits, EnsembleFallbackPolicy(thresholds[:3] + [-math.inf]))
+    ref = pick_exits(logits, ThresholdPolicy(thresholds[:3] + [-math.inf]))
+    assert torch.equal(plain[0], ref[0]) and torch.equal(plain[1], ref[1])

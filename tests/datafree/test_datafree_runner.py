@@ -43,6 +43,8 @@ def test_run_writes_the_table_for_every_condition_and_seed(tiny_run):
     assert all(c["n"] == 2 for c in comps)  # paired by seed
     report = (out / "report.md").read_text()
     assert "uniform noise (control)" in report and "median KL" in report and "What the numbers show" in report
+    # the report says, next to the table, what was chosen on real data
+    assert "Real data in the choices" in report and "fitted on this task's real `val` split" in report
 
 
 def test_rerun_resumes_from_checkpoints_with_the_same_result(tiny_run):
@@ -53,7 +55,8 @@ def test_rerun_resumes_from_checkpoints_with_the_same_result(tiny_run):
 
 @pytest.mark.parametrize("bad", ["conditions=[real, magic]", "exits.at=[nowhere]", "impressions.synth.tau=0",
                                  "exits.tau=-1", "teacher.train.optimizer=lbfgs", "seeds=[]",
-                                 "impressions.synth.bounds=[1, 0]", "impressions.sync.tau=2"])
+                                 "impressions.synth.bounds=[1, 0]", "impressions.sync.tau=2",
+                                 "impressions.preset=zskd"])
 def test_bad_input_is_refused_before_the_folder_is_made(tmp_path, bad):
     out = tmp_path / "run"
     with pytest.raises(InputError):
@@ -70,3 +73,18 @@ def test_student_condition_distils_a_smaller_multi_exit_network(tmp_path):
     assert student[-1]["mflops"] < [r for r in m["rows"] if r["group"] == "noise"][-1]["mflops"]
     assert "small multi-exit student" in (out / "report.md").read_text()
     assert (out / "checkpoints" / "seed0_impressions_data.pt").is_file()  # the student's transfer set
+
+
+def test_paper_preset_is_the_released_zskd_recipe():
+    from metadyn.datafree import SynthesisSettings
+    from metadyn.datafree.impressions import PAPER_PRESET
+    from metadyn.runner.kinds.datafree import ImpressionSpec
+
+    assert PAPER_PRESET == {"tau": 20.0, "steps": 1500, "lr": 0.001, "batch_size": 100}
+    paper = ImpressionSpec(preset="paper").settings()
+    assert paper == SynthesisSettings.paper() == SynthesisSettings(tau=20.0, steps=1500, lr=0.001, batch_size=100)
+    assert ImpressionSpec().settings() == SynthesisSettings()  # the tuned defaults: tau 1, 100 steps at lr 0.1
+    assert (SynthesisSettings().tau, SynthesisSettings().steps, SynthesisSettings().lr) == (1.0, 100, 0.1)
+    kept = ImpressionSpec(preset="paper", synth=SynthesisSettings(bounds=[-1.0, 1.0], jitter=1, steps=30)).settings()
+    assert kept.bounds == [-1.0, 1.0] and kept.jitter == 1 and kept.tau == 20.0 and kept.lr == 0.001
+    assert kept.steps == 30  # a value set away from the tuned default (e.g. by --quick) is kept

@@ -107,14 +107,36 @@ def test_second_order_meta_gradient_equals_higher():
     assert _rel(ours, theirs) < 1e-6
 
 
+def test_metasgd_rates_start_at_random_as_in_the_paper():
+    torch.manual_seed(0)
+    net = mlp_exits((1, 3, 3), N, hidden=(6,)).double()
+    rates = torch.cat([r.detach().flatten() for r in MetaLearner(net, "metasgd").inner_lrs.values()])
+    assert rates.dtype == torch.float64 and rates.numel() == sum(p.numel() for p in net.parameters())
+    assert 0.005 <= float(rates.min()) < float(rates.max()) <= 0.1  # Li et al. 2017, Sec. 4: U[0.005, 0.1]
+    assert len(set(rates.tolist())) == rates.numel()
+    assert abs(float(rates.mean()) - 0.0525) < 0.01  # the mean of U[0.005, 0.1]
+    const = torch.cat([r.flatten() for r in MetaLearner(net, "metasgd", inner_lr=0.3,
+                                                        metasgd_init="constant").inner_lrs.values()])
+    assert torch.all(const == 0.3)
+    narrow = MetaLearner(net, "metasgd", metasgd_range=(0.2, 0.2)).inner_lrs.values()
+    assert all(torch.all(r == 0.2) for r in narrow)
+    with pytest.raises(InputError, match="metasgd_init"):
+        MetaLearner(net, "metasgd", metasgd_init="normal")
+    with pytest.raises(InputError, match="metasgd_range"):
+        MetaLearner(net, "metasgd", metasgd_range=(0.1, 0.01))
+
+
 def test_metasgd_equals_learn2learn():
     l2l = _l2l()
     torch.manual_seed(0)
     net = mlp_exits((1, 3, 3), N, hidden=(6,)).double()  # learn2learn's MetaSGD needs every parameter used
     batch = _episodes((1, 3, 3))
-    learner = _ours(net, batch, "metasgd", inner_lr=0.3)
+    learner = _ours(net, batch, "metasgd")  # random per-parameter rates (the paper's initialisation)
     ours = torch.cat([_flat_grads(net), *(p.grad.flatten() for p in learner.inner_lrs.values())])
     meta = l2l.algorithms.MetaSGD(_Final(net), lr=0.3).double()
+    with torch.no_grad():  # learn2learn starts from one constant rate: give it ours
+        for theirs_rate, our_rate in zip(meta.lrs, learner.inner_lrs.values()):
+            theirs_rate.copy_(our_rate)
     meta.zero_grad()
     sx, sy, qx, qy = batch
     for t in range(T):

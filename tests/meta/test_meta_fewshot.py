@@ -175,3 +175,24 @@ def test_fewshot_task_runs_quick_and_refuses_bad_input(tmp_path):
         with pytest.raises(InputError, match=msg):
             run_task("tasks/fewshot_glyphs_5w1s.yaml", [*sets, bad], quick=True, out=tmp_path / "bad")
         assert not (tmp_path / "bad").exists()
+
+
+def test_fewshot_task_reports_the_spread_over_training_seeds(tmp_path):
+    from metadyn.runner import run_task
+
+    sets = ["episodes.n_query=2", "data.options.samples_per_class=3", "eval.test_episodes=3", "eval.val_episodes=2",
+            "model.options.width=4", "eval.baselines=[protonet]"]
+    one = run_task("tasks/fewshot_glyphs_5w1s.yaml", sets, quick=True, out=tmp_path / "one", progress=False)[1]
+    out, two = run_task("tasks/fewshot_glyphs_5w1s.yaml", [*sets, "seeds=[0, 1]"], quick=True, out=tmp_path / "two",
+                        progress=False)
+    per_seed = two["extra"]["per_seed"]
+    # seed 0 of the two-seed run is the one-seed run (the same episodes and initialisation)
+    assert [r["accuracy"] for r in per_seed if r["seed"] == 0] == [r["accuracy"] for r in one["rows"]]
+    for r in two["rows"]:
+        accs = [p["accuracy"] for p in per_seed if p["group"] == r["group"] and p["exit"] == r["exit"]]
+        assert len(accs) == 2 and r["n"] == 2 and "ci95" not in r
+        assert r["accuracy"] == pytest.approx(sum(accs) / 2)
+        assert r["accuracy_std"] == pytest.approx(abs(accs[0] - accs[1]) / 2 ** 0.5)
+    assert {(c["against"], c["n"]) for c in two["comparisons"]} == {("protonet", 2)}  # paired by seed
+    text = (out / "report.md").read_text()
+    assert "mean ± std over 2 training seeds" in text and "Every training seed" in text

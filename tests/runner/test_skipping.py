@@ -5,6 +5,7 @@ from pathlib import Path
 import pytest
 
 from metadyn.cli import main
+from metadyn.core.train import pick_device
 from metadyn.runner.kinds.skipping import select_point
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -38,7 +39,7 @@ def _check_metrics(folder: Path, kind: str, knob: str, values: list[float]) -> d
     assert {"metrics.json", "report.md", "config.yaml", "checkpoint.pt", "checkpoint_resnet.pt",
             "accuracy_vs_mflops.png", "block_usage.png"} <= names
     m = json.loads((folder / "metrics.json").read_text())
-    assert m["kind"] == kind and m["dataset"] == "glyphs" and m["settings"]["device"] == "cpu"
+    assert m["kind"] == kind and m["dataset"] == "glyphs" and m["settings"]["device"] == str(pick_device("auto"))
     e = m["extra"]
     sweep = [r for r in m["rows"] if r["group"].startswith(f"{knob}=") and "curriculum" not in r["group"]]
     assert e["knob"] == knob and [p[knob] for p in sweep] == values

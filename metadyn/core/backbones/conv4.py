@@ -37,6 +37,12 @@ class Conv4Exits(MultiExitNet):
     def __init__(self, in_channels: int = 1, num_classes: int = 5, width: int = 64, norm: str = "batch",
                  pool_last: bool = True, blocks: int = 4):
         super().__init__()
+        for name, v in (("width", width), ("blocks", blocks), ("in_channels", in_channels),
+                        ("num_classes", num_classes)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise InputError(f"conv4 {name} must be a positive integer, got {str(v)[:40]}")
+        if width > 4096:
+            raise InputError(f"conv4 width must be at most 4096, got {width}")
         chans = [in_channels] + [width] * blocks
         layers = []
         for i in range(blocks):

@@ -8,6 +8,7 @@ from torch import Tensor, nn
 
 from metadyn.core.backbones.base import MultiExitNet
 from metadyn.core.heads import ExitHead
+from metadyn.errors import InputError
 from metadyn.registry import BACKBONES
 
 
@@ -22,6 +23,13 @@ class MLPExits(MultiExitNet):
 
     def __init__(self, in_dim: int, num_classes: int, hidden: Sequence[int] = (64, 64, 64)):
         super().__init__()
+        if isinstance(hidden, str) or not isinstance(hidden, Sequence) or not hidden:
+            raise InputError(f"mlp hidden must be a non-empty list of widths, got {str(hidden)[:40]}")
+        for name, v in (("in_dim", in_dim), ("num_classes", num_classes), *(("hidden width", h) for h in hidden)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise InputError(f"mlp {name} must be a positive integer, got {str(v)[:40]}")
+        if max(hidden) > 1 << 16:
+            raise InputError(f"mlp hidden widths must be at most 65536, got {max(hidden)}")
         dims = [in_dim, *hidden]
         self.blocks = nn.ModuleList(
             nn.Sequential(nn.Linear(dims[i], dims[i + 1]), nn.ReLU()) for i in range(len(hidden))
@@ -46,7 +54,7 @@ def mlp_exits(in_shape=(1, 8, 8), num_classes: int = 10, hidden: Sequence[int] =
     in_dim = 1
     for s in in_shape:
         in_dim *= int(s)
-    return MLPExits(in_dim, num_classes, tuple(hidden))
+    return MLPExits(in_dim, num_classes, tuple(hidden) if isinstance(hidden, list | tuple) else hidden)
 
 
 def tiny_mlp_exits(in_shape=(1, 8, 8), num_classes: int = 10) -> MLPExits:

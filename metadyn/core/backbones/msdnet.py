@@ -183,7 +183,14 @@ class MSDNet(MultiExitNet):
         self._init_weights()
 
     def _init_weights(self) -> None:
-        """The released code's initialisation: conv ``N(0, 2 / (k*k*out))``, BatchNorm (1, 0), linear bias 0."""
+        """He initialisation: conv ``N(0, 2 / (k*k*out))``, BatchNorm (1, 0), linear bias 0 (linear weights keep
+        the default uniform ``±1/sqrt(fan_in)``).
+
+        This is what the authors' Torch release applies (``gaohuang/MSDNet``, ``models/msdnet.lua``: ``ConvInit``,
+        ``BNInit``). The PyTorch port (``kalviny/MSDNet-PyTorch``, ``models/msdnet.py``) writes the same
+        ``_init_weights`` but calls it only on each block's direct children (whole MSDNet layers) and on each
+        classifier module, none of them a ``Conv2d``/``BatchNorm2d``/``Linear``, so the port actually runs
+        PyTorch's default initialisation. metadyn follows the Torch release."""
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 k = m.kernel_size[0] * m.kernel_size[1] * m.out_channels

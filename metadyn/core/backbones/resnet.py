@@ -69,10 +69,19 @@ class ResNetExits(MultiExitNet):
     def __init__(self, depth: int = 56, exits: Sequence[int] | None = None, num_classes: int = 10,
                  in_channels: int = 3, width: int = 16):
         super().__init__()
+        for name, v in (("depth", depth), ("width", width), ("in_channels", in_channels), ("num_classes", num_classes)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise InputError(f"resnet {name} must be a positive integer, got {str(v)[:40]}")
         if (depth - 2) % 6 != 0 or depth < 8:
             raise InputError(f"resnet depth must be 6n+2 (20, 56, 110, ...), got {depth}")
+        if depth > 2000 or width > 4096:
+            raise InputError(f"resnet depth {depth} / width {width} is beyond any CIFAR ResNet (depth <= 2000, "
+                             "width <= 4096)")
         n = (depth - 2) // 6
         total = 3 * n
+        if exits is not None and (isinstance(exits, str) or not isinstance(exits, Sequence)
+                                  or not all(isinstance(e, int) and not isinstance(e, bool) for e in exits)):
+            raise InputError(f"resnet exits must be a list of block numbers, got {str(exits)[:40]}")
         exits = sorted(set(int(e) for e in (exits or (n, 2 * n, 3 * n))))
         if exits[0] < 1 or exits[-1] > total:
             raise InputError(f"resnet exits must lie in 1..{total} for depth {depth}, got {exits}")

@@ -19,8 +19,16 @@ from torch import Tensor, nn
 
 from metadyn.core.backbones.resnet import resnet_exits
 from metadyn.core.callbacks import Callback, TrainState
+from metadyn.core.device import module_device
 from metadyn.core.freeze import freeze, is_frozen, unfreeze
-from metadyn.core.gating.execution import GatedOutput, check_gateable, check_mode, final_logits, run_block
+from metadyn.core.gating.execution import (
+    GatedOutput,
+    check_gateable,
+    check_mode,
+    final_logits,
+    run_block,
+    skip_plan,
+)
 from metadyn.core.gating.reinforce import bernoulli_log_prob, reinforce_loss
 from metadyn.errors import InputError
 from metadyn.registry import METHODS
@@ -78,7 +86,10 @@ class BlockDropNet(nn.Module):
     self-critical baseline. ``learn_last`` (set by :class:`Curriculum`) keeps all but the last
     ``learn_last`` blocks on. :meth:`freeze_backbone` freezes the backbone (curriculum stage,
     :func:`~metadyn.core.freeze.freeze`): its parameters stop requiring gradients, it stays in eval mode and,
-    autograd being off for it, it really skips blocks.
+    autograd being off for it, it really skips blocks. The policy network is moved to the backbone's device and
+    dtype (the two always run on the same input). Without autograd, all decisions being known before the
+    backbone runs, a forward synchronises with the host once (:func:`~metadyn.core.gating.execution.skip_plan`),
+    not once per block.
 
     Args:
         backbone: a gated backbone (:func:`~metadyn.core.gating.execution.check_gateable`), e.g. a ResNet
@@ -93,12 +104,14 @@ class BlockDropNet(nn.Module):
     def __init__(self, backbone: nn.Module, policy: PolicyNet, alpha: float = 0.8):
         super().__init__()
         self.backbone = check_gateable(backbone)
-        self.policy = policy
+        p = next(backbone.parameters(), None)
+        self.policy = policy if p is None else policy.to(module_device(backbone), p.dtype)
         if not 0.5 <= alpha <= 1.0:
             raise InputError(f"BlockDrop alpha (probability bound) must be in [0.5, 1], got {alpha}")
         self.alpha = alpha
         self.learn_last: int | None = None
         self._mode = "greedy"
+        self._learn_masks: dict[tuple[int, torch.device], Tensor] = {}  # the curriculum's masks, built once
 
     @property
     def mode(self) -> str:
@@ -127,17 +140,25 @@ class BlockDropNet(nn.Module):
     def run_policy(self, x: Tensor, actions: Tensor) -> Tensor:
         """The backbone's logits when block ``k`` runs for sample ``n`` iff ``actions[n, k]`` (0/1)."""
         bb = self.backbone
+        plan = None if torch.is_grad_enabled() else skip_plan(actions)  # real skipping: one sync for all blocks
         h = bb.stem(x)
         for i, block in enumerate(bb.blocks):
-            h = run_block(block, h, actions[:, i])
+            h = run_block(block, h, actions[:, i], None if plan is None else plan[i])
         return final_logits(bb, h)
+
+    def learn_mask(self, device: torch.device) -> Tensor:
+        """``(K,)`` bool on ``device``: the blocks whose decisions the curriculum's step ``learn_last`` learns."""
+        key = (int(self.learn_last), device)
+        if key not in self._learn_masks:
+            self._learn_masks[key] = ~curriculum_forced(self.num_blocks, key[0]).to(device)
+        return self._learn_masks[key]
 
     def forward(self, x: Tensor) -> GatedOutput:
         s = self.policy(x)  # (B, K)
         learn = None
         keep = s >= 0.5
         if self.learn_last is not None:
-            learn = ~curriculum_forced(self.num_blocks, self.learn_last).to(s.device)
+            learn = self.learn_mask(s.device)
             keep = keep | ~learn
         keep = keep.to(s.dtype)
         grad = torch.is_grad_enabled() and not self.frozen
@@ -192,18 +213,37 @@ def blockdrop_reward(logits: Tensor, y: Tensor, actions: Tensor, gamma: float) -
     return torch.where(correct, 1 - used**2, torch.full_like(used, -gamma))
 
 
+def policy_entropy_bonus(probs: Tensor) -> Tensor:
+    """The released curriculum code's entropy term ``(1/B) sum_b sum_k -p'_bk log p'_bk`` of the bounded keep
+    probabilities ``p'`` (clamped to ``[1e-15, 1 - 1e-15]``), over every block — the curriculum's forced ones
+    included. It is the ``u = 1`` half of each Bernoulli's entropy, as the code writes it.
+
+    References:
+        ``Tushar-N/blockdrop``, ``cl_training.py`` (``entropy_loss = -probs * torch.log(probs)``, summed, times
+        ``--beta`` = 0.1, subtracted from the policy-gradient loss, divided by the batch size).
+    """
+    p = probs.clamp(1e-15, 1 - 1e-15)
+    return -(p * torch.log(p)).sum(1).mean()
+
+
 @METHODS.register("blockdrop", example=lambda: _tiny_blockdrop_net())
-def blockdrop_loss(gamma: float = 1.0, joint: bool = False):
+def blockdrop_loss(gamma: float = 1.0, joint: bool = False, entropy: float = 0.1):
     """BlockDrop's policy-gradient loss for ``"sample"`` mode, with the self-critical baseline: the advantage
     of the sampled policy ``u`` is ``R(u) - R(u_greedy)``; decisions outside the curriculum's learnt blocks
-    are not trained. ``joint=True`` (joint fine-tuning) adds the cross-entropy of the sampled policy's
-    prediction, which trains the backbone. Needs a :class:`BlockDropNet` output.
+    are not trained. ``entropy`` (the released curriculum code's ``beta``, 0.1) subtracts ``entropy`` times
+    :func:`policy_entropy_bonus`, which keeps the keep probabilities from collapsing to 0 or 1 early.
+    ``joint=True`` (joint fine-tuning) adds the cross-entropy of the sampled policy's prediction, which trains
+    the backbone; the released fine-tuning code has no entropy term (pass ``entropy=0``, as the ``blockdrop``
+    task kind does). Needs a :class:`BlockDropNet` output.
 
     References:
         Wu et al., BlockDrop, CVPR 2018, Sec. 3.1 (Eq. 3-4: ``J = E[R(u)]``, policy gradient with the greedy
-        policy's reward as baseline), Sec. 3.2 (curriculum, joint fine-tuning). The released code sums the
-        policy-gradient term over the batch; here both terms are batch means.
+        policy's reward as baseline), Sec. 3.2 (curriculum, joint fine-tuning). The paper writes no entropy
+        term; the released ``cl_training.py`` adds it (``--beta 0.1``), ``finetune.py`` does not. The released
+        code sums the policy-gradient term over the batch and divides the total by the batch size, as here.
     """
+    if isinstance(entropy, bool) or not entropy >= 0:
+        raise InputError(f"blockdrop entropy weight must be a non-negative number, got {entropy!r}")
 
     def loss(out: GatedOutput, y: Tensor) -> Tensor:
         if not isinstance(out, GatedOutput) or out.baseline_logits is None:
@@ -211,6 +251,8 @@ def blockdrop_loss(gamma: float = 1.0, joint: bool = False):
         r = blockdrop_reward(out.logits, y, out.actions, gamma)
         rb = blockdrop_reward(out.baseline_logits, y, out.baseline_actions, gamma)
         value = reinforce_loss(bernoulli_log_prob(out.probs, out.actions), r - rb, out.learn)
+        if entropy:
+            value = value - entropy * policy_entropy_bonus(out.probs)
         if joint:
             value = value + F.cross_entropy(out.logits, y)
         return value

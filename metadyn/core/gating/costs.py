@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from metadyn.core.device import autocast, fits_on, module_device
 from metadyn.core.flops import count_flops, probe
 from metadyn.core.gating.blockdrop import BlockDropNet
 from metadyn.core.gating.execution import final_logits
@@ -68,22 +69,30 @@ def policy_counts(actions: Tensor) -> list[tuple[str, int]]:
 
 @torch.no_grad()
 def evaluate_gated(net: GatedResNet | BlockDropNet, x: Tensor, y: Tensor, costs: GatedCosts,
-                   batch_size: int = 256, top: int = 10) -> dict:
+                   batch_size: int = 256, top: int = 10, precision: str | None = None) -> dict:
     """Greedy decisions with real skipping (a block computes only on the samples whose gate is on): accuracy,
     MFLOPs per sample, blocks run, the share of samples running each block, the ``top`` policies taken, and
-    ``correct`` (per-sample 0/1, for paired comparisons). Leaves ``net`` in eval mode with greedy decisions."""
-    p = next(net.parameters())
+    ``correct`` (per-sample 0/1, for paired comparisons). Leaves ``net`` in eval mode with greedy decisions.
+
+    Runs on ``net``'s device (``x`` is put there once when it fits) at ``precision`` (``None``: the ambient
+    :func:`~metadyn.core.device.default_precision`); outputs stay on the device until the end, so a batch costs
+    only the network's own host synchronisations (one for BlockDrop, one per block for SkipNet)."""
+    dev = module_device(net)
+    dtype = next(net.parameters()).dtype
+    if x.device != dev and fits_on(dev, x.numel() * x.element_size()):
+        x = x.to(dev)
     net.eval()
     net.mode = "greedy"
     logits, actions = [], []
-    for s in range(0, len(x), batch_size):
-        out = net(x[s : s + batch_size].to(p.device, p.dtype))
-        logits.append(out.logits.float().cpu())
-        actions.append(out.actions.cpu())
-    lg, act = torch.cat(logits), torch.cat(actions)
-    hits = (lg.argmax(-1) == y).double()
+    with autocast(dev, precision):
+        for s in range(0, len(x), batch_size):
+            out = net(x[s : s + batch_size].to(dev, dtype, non_blocking=True))
+            logits.append(out.logits.float())
+            actions.append(out.actions)
+    lg, act = torch.cat(logits).cpu(), torch.cat(actions).cpu()
+    hits = (lg.argmax(-1) == y.cpu()).double()
     pols = policy_counts(act)
     return {"accuracy": float(hits.mean()), "mflops": float(costs.mflops(act).mean()),
-            "blocks_used": float(act.sum(1).mean()), "block_usage": act.mean(0).tolist(),
+            "blocks_used": float(act.sum(1).mean()), "block_usage": act.float().mean(0).tolist(),
             "distinct_policies": len(pols), "correct": hits.tolist(), "logits": lg,
             "top_policies": [{"policy": k, "fraction": c / len(x)} for k, c in pols[:top]]}

@@ -110,6 +110,8 @@ def skip_block(block: nn.Module, x: Tensor, on: Tensor, inplace: bool = False) -
 
     There is one host synchronisation (finding the gated-on samples) and one gather and one scatter with
     the same index; advanced indexing (``t[idx]``) keeps a channels-last layout, ``index_select`` would not.
+    When every block's decisions are known before the network runs (BlockDrop), :func:`skip_plan` finds the
+    samples of all blocks with one synchronisation and :func:`skip_rows` runs each block without one.
 
     Args:
         block: a residual block with a ``shortcut`` module (:class:`~metadyn.core.backbones.resnet.BasicBlock`).
@@ -122,7 +124,12 @@ def skip_block(block: nn.Module, x: Tensor, on: Tensor, inplace: bool = False) -
     Returns:
         ``(B, C', H', W')``: ``block(x[n])`` where ``on[n]``, ``block.shortcut(x[n])`` elsewhere.
     """
-    idx = on.nonzero().squeeze(1)  # the one host sync of this block
+    return skip_rows(block, x, on.nonzero().squeeze(1), inplace)  # nonzero: the one host sync of this block
+
+
+def skip_rows(block: nn.Module, x: Tensor, idx: Tensor, inplace: bool = False) -> Tensor:
+    """:func:`skip_block` given the samples that run the block as indices ``idx`` (increasing, a tensor of
+    known length): no host synchronisation."""
     n = idx.numel()
     if n == x.shape[0]:
         return block(x)
@@ -138,12 +145,25 @@ def skip_block(block: nn.Module, x: Tensor, on: Tensor, inplace: bool = False) -
     return out
 
 
-def run_block(block: nn.Module, x: Tensor, g: Tensor) -> Tensor:
+def skip_plan(actions: Tensor) -> list[Tensor]:
+    """The samples each block runs on under ``(B, K)`` 0/1 decisions known before the network runs, found with
+    one host synchronisation for all ``K`` blocks (instead of one per block): ``K`` increasing index tensors
+    for :func:`skip_rows`."""
+    on = actions > 0.5
+    order = torch.argsort((~on).T.to(torch.uint8), dim=1, stable=True)  # (K, B): each block's samples first
+    counts = on.sum(0).tolist()  # the one host sync
+    return [order[k, :n] for k, n in enumerate(counts)]
+
+
+def run_block(block: nn.Module, x: Tensor, g: Tensor, idx: Tensor | None = None) -> Tensor:
     """One gated block: :func:`mix_block` when autograd is on (training), real skipping otherwise
-    (:func:`skip_block`: the block computes only on the samples with ``g > 0.5``).
-    ``x`` is the forward's own running activation and may be overwritten."""
+    (:func:`skip_block`: the block computes only on the samples with ``g > 0.5``, or on ``idx`` when the
+    caller found them already, :func:`skip_plan`). ``x`` is the forward's own running activation and may be
+    overwritten."""
     if torch.is_grad_enabled():
         return mix_block(block, x, g)
+    if idx is not None:
+        return skip_rows(block, x, idx, inplace=True)
     return skip_block(block, x, g > 0.5, inplace=True)
 
 

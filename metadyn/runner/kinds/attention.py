@@ -9,6 +9,10 @@ Eq. 2) towards the later-layer attention (``detachable``); trunk, final exit and
 the later-layer modules are pruned and masks ≈1 everywhere on ``val`` are removed. The control
 ``detachable_no_at`` runs the same stage 2 with ``beta = 0``. Reported on ``test``: per-exit accuracy, the
 attention-transfer distance, and one real early-exit operating point per deployable variant.
+
+One data split for all seeds: the train/val/test split comes from ``seed``, and ``seeds`` vary only the
+initialisation and the batch order, so the spread over seeds (and the paired-by-seed tests) measures training
+variability on one split, not the variability between splits.
 """
 
 from __future__ import annotations
@@ -152,7 +156,9 @@ class Attention(TaskKind):
         removed = {v: sum(len(x) for x in r if x) for v, r in e["removed"].items() if r and r[0] is not None}
         mismatches = ", ".join(f"{b['group']} {b['mismatches']}" for b in res.budgets)
         return [("Test accuracy % per exit, mean ± std over seeds (cumulative MFLOPs)",
-                 f"{report.exit_table(res.rows, labels=LABELS)}\n\nThe `later` variant's MFLOPs include the later "
+                 f"{report.exit_table(res.rows, labels=LABELS)}\n\nOne data split (from `seed: {cfg.seed}`) for every "
+                 f"seed: the ± is over {len(cfg.seeds)} initialisations and batch orders on that split, not over "
+                 "splits. The `later` variant's MFLOPs include the later "
                  "stages its masks need (not deployable); `detachable*` are measured after pruning.\n\n"
                  "![accuracy vs MFLOPs](accuracy_vs_mflops.png)"),
                 ("Attention-transfer distance on test (‖Q_det/‖Q_det‖ − Q_later/‖Q_later‖‖₂, in [0, 2])", dist),

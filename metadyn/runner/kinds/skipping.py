@@ -9,7 +9,8 @@ gated evaluation runs with real skipping (a block computes only on the samples w
 * ``skipnet`` (Wang et al., ECCV 2018): the always-on ResNet's weights, with fresh gates, go through supervised
   pre-training with relaxed gates (``supervised``), then, for each ``alpha``, the hybrid REINFORCE objective.
 * ``blockdrop`` (Wu et al., CVPR 2018): for each ``gamma``, a policy network learns on the frozen always-on
-  ResNet under the curriculum (epoch t learns the last t blocks), then policy and ResNet are fine-tuned jointly.
+  ResNet under the curriculum (epoch t learns the last t blocks; with the released code's entropy bonus,
+  weight ``entropy``), then policy and ResNet are fine-tuned jointly (no entropy bonus, as in the code).
 """
 
 from __future__ import annotations
@@ -76,6 +77,7 @@ class BlockDropConfig(_GatedConfig):
     curriculum: specs.FitSpec = field(default_factory=_stage)  # policy only, ResNet frozen
     finetune: specs.FitSpec = field(default_factory=_stage)  # policy and ResNet jointly (epochs 0: skip)
     gammas: list[float] = spec(factory=lambda: [0.5, 1.0, 2.0, 5.0], ge=0, nonempty=True, distinct=True)
+    entropy: float = spec(0.1, ge=0)  # curriculum's entropy bonus (cl_training.py's beta; 0: none)
 
 
 def select_point(points: Sequence[dict], reference_val_accuracy: float, max_drop: float) -> dict:
@@ -212,14 +214,15 @@ class BlockDrop(_Gated):
             costs = costs or gating.gated_costs(net, data.in_shape)
             net.mode = "sample"
             tag = f"gamma_{gamma:g}"
-            self._fit(net, data, gating.blockdrop_loss(gamma), cfg.curriculum, cfg, ctx, f"{tag}_curriculum",
+            self._fit(net, data, gating.blockdrop_loss(gamma, entropy=cfg.entropy), cfg.curriculum, cfg, ctx,
+                      f"{tag}_curriculum",
                       callbacks=[gating.Curriculum(net)])
             net.learn_last = None
             curriculum.append(self.point(f"gamma={gamma:g}, curriculum only", gamma, net, data, costs, cfg))
             if cfg.finetune.epochs > 0:
                 net.freeze_backbone(False)
                 net.mode = "sample"
-                self._fit(net, data, gating.blockdrop_loss(gamma, joint=True), cfg.finetune, cfg, ctx,
+                self._fit(net, data, gating.blockdrop_loss(gamma, joint=True, entropy=0.0), cfg.finetune, cfg, ctx,
                           f"{tag}_finetune")
             points.append(self.point(f"gamma={gamma:g}", gamma, net, data, costs, cfg))
             nets.append(net)

@@ -1,0 +1,302 @@
+"""Hostile inputs to the library's pieces (issue 14): each test pins one group of the hostile-input run, and
+each failed on main before its fix. The run folder, CLI and pipeline groups are in test_hostile_runs.py."""
+
+from __future__ import annotations
+
+import struct
+import time
+import zlib
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from metadyn.config import MAX_TASK_BYTES, load_task, parse_override
+from metadyn.core.backbones.resnet import tiny_resnet_exits
+from metadyn.core.inference import dynamic_exit, simulated_exit
+from metadyn.core.policies import ThresholdPolicy, fit_thresholds_for_budget, pick_exits
+from metadyn.core.train import fit, save_checkpoint
+from metadyn.errors import InputError, NonFiniteLossError
+
+BOMB = "\n".join(["a: &a [1, 1, 1, 1, 1, 1, 1, 1, 1]"] + [
+    f"{n}: &{n} [{', '.join([f'*{p}'] * 9)}]" for p, n in zip("abcdefgh", "bcdefghi")]) + "\n"
+
+
+def _write(tmp_path, text, name="t.yaml"):
+    p = tmp_path / name
+    p.write_text(text)
+    return p
+
+
+# --------------------------------------------------------------------------- group 3: 16-bit PNGs
+
+
+def test_16bit_png_is_scaled_by_its_range(tmp_path):
+    from PIL import Image
+
+    from metadyn.data import load_classification
+
+    for c in range(3):
+        (tmp_path / f"c{c}").mkdir()
+        for i in range(6):
+            Image.fromarray(np.full((8, 8), 6553 * (c + 1), np.uint16)).save(tmp_path / f"c{c}" / f"{i}.png")
+    assert Image.open(tmp_path / "c0" / "0.png").mode == "I;16"
+    data = load_classification("folder", root=str(tmp_path), size=8, val_fraction=0.2, calib_fraction=0.2,
+                               test_fraction=0.2)
+    x = torch.cat([data.train.x, data.val.x, data.calib.x, data.test.x])
+    y = torch.cat([data.train.y, data.val.y, data.calib.y, data.test.y])
+    for c in range(3):  # raw means 0.1, 0.2, 0.3 (read as ~1.0 when 16-bit values were clipped to 8 bits)
+        assert float(x[y == c].mean()) == pytest.approx(0.1 * (c + 1), abs=1e-3)
+    rgb = load_classification("folder", root=str(tmp_path), size=4, grayscale=False, val_fraction=0.2,
+                              calib_fraction=0.2, test_fraction=0.2)
+    assert rgb.in_shape == (3, 4, 4) and float(rgb.train.x.max()) <= 0.3 + 1e-3
+
+
+def test_float_images_are_refused_with_one_line(tmp_path):
+    from PIL import Image
+
+    from metadyn.data import load_classification
+
+    for c in range(2):
+        (tmp_path / f"c{c}").mkdir()
+        Image.fromarray(np.full((8, 8), 3.5, np.float32)).save(tmp_path / f"c{c}" / "0.tif")
+    with pytest.raises(InputError, match="mode 'F'"):
+        load_classification("folder", root=str(tmp_path), size=8)
+
+
+# --------------------------------------------------------------------------- group 9: decompression bombs
+
+
+def _png_header_only(width: int, height: int) -> bytes:
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b"")
+
+
+def test_decompression_bomb_png_is_one_line(tmp_path):
+    from metadyn.data import load_classification
+
+    for c in range(2):
+        (tmp_path / f"c{c}").mkdir()
+        (tmp_path / f"c{c}" / "0.png").write_bytes(_png_header_only(20000, 12000))
+    assert len((tmp_path / "c0" / "0.png").read_bytes()) < 200
+    with pytest.raises(InputError, match="decompression bomb") as e:
+        load_classification("folder", root=str(tmp_path), size=8)
+    assert "\n" not in str(e.value)
+
+
+# --------------------------------------------------------------------------- group 4: dynamic_exit in train mode
+
+
+def test_dynamic_exit_leaves_a_train_mode_model_as_it_was():
+    net = tiny_resnet_exits((1, 8, 8), 10)
+    with torch.no_grad():  # non-trivial BatchNorm statistics
+        net.train()
+        net(torch.randn(32, 1, 8, 8))
+    x = torch.randn(16, 1, 8, 8)
+    policy = ThresholdPolicy([0.3, 0.3, 0.0])
+    net.eval()
+    expected = dynamic_exit(net, x, policy)
+    net.train()
+    net.heads[0].eval()  # a mixed-mode model: every module's own mode must come back
+    modes = {n: m.training for n, m in net.named_modules()}
+    buffers = {k: v.clone() for k, v in net.state_dict().items()}
+    got = dynamic_exit(net, x, policy)
+    assert {n: m.training for n, m in net.named_modules()} == modes
+    assert all(torch.equal(buffers[k], v) for k, v in net.state_dict().items())  # 21 BN buffers changed before
+    assert torch.equal(got.exit_idx, expected.exit_idx) and torch.allclose(got.logits, expected.logits)
+
+
+# --------------------------------------------------------------------------- group 5: ThresholdPolicy
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"thresholds": []}, "got none"),
+    ({"thresholds": "0.9"}, "must be a list of numbers, got str"),
+    ({"thresholds": ["0.9", "0.9"]}, "must be numbers, got str"),
+    ({"thresholds": [0.5, float("nan"), 0.0]}, "must not be NaN"),
+    ({"thresholds": [0.5, 0.5, 0.0], "temperatures": [1.0, 0.0, 1.0]}, "positive and finite"),
+    ({"thresholds": [0.5, 0.5, 0.0], "temperatures": [1.0, float("inf"), 1.0]}, "positive and finite"),
+    ({"thresholds": [0.5, True, 0.0]}, "must be numbers, got bool"),
+])
+def test_threshold_policy_validates_at_construction(kwargs, message):
+    with pytest.raises(InputError, match=message):
+        ThresholdPolicy(**kwargs)
+
+
+def test_threshold_policy_count_is_checked_against_the_exits():
+    net = tiny_resnet_exits((1, 8, 8), 10).eval()  # 3 exits
+    x = torch.randn(8, 1, 8, 8)
+    for thresholds in ([0.9], [0.9, 0.9, 0.9, 0.9, 0.9]):  # an IndexError / silently truncated before
+        policy = ThresholdPolicy(thresholds)
+        for run in (lambda p: dynamic_exit(net, x, p), lambda p: simulated_exit(net, x, p)):
+            with pytest.raises(InputError, match=f"{len(thresholds)} thresholds for a network with 3 exits"):
+                run(policy)
+    with pytest.raises(InputError, match="2 temperatures"):
+        pick_exits(list(net(x).logits), ThresholdPolicy([0.9, 0.9, 0.0], temperatures=[1.0, 1.0]))
+    ok = ThresholdPolicy(torch.tensor([0.5, float("inf"), float("-inf")]))  # a tensor; +-inf mean none / all
+    assert ok.thresholds == (0.5, float("inf"), float("-inf"))
+    assert dynamic_exit(net, x, ok).exit_idx.tolist() == simulated_exit(net, x, ok).exit_idx.tolist()
+
+
+# --------------------------------------------------------------------------- group 7: rounding with a tiny val split
+
+
+def test_budget_of_the_first_exit_is_met_with_five_validation_samples():
+    scores = torch.rand(3, 5, generator=torch.Generator().manual_seed(0))
+    costs = [48544.0, 80000.0, 120000.0]
+    t = fit_thresholds_for_budget(scores, costs, costs[0])  # "below the cheapest achievable 52707" before
+    assert t[0] == float("-inf")  # every sample leaves at the first exit: cost exactly costs[0]
+    with pytest.raises(InputError, match="below the cheapest exit's cost"):
+        fit_thresholds_for_budget(scores, costs, costs[0] - 1)
+
+
+# --------------------------------------------------------------------------- group 8: YAML bombs
+
+
+@pytest.mark.parametrize("text, message", [
+    (BOMB + "seed: *i\n", "more than 10000 values once its aliases are expanded"),
+    (BOMB + "quick: {x: *i}\n", "more than 10000 values once its aliases are expanded"),
+    ("a: &a [*a]\n", "refers to itself"),
+    ("seed: " + "[" * 100 + "]" * 100 + "\n", "nested"),
+    ("seed: 1" + "0" * 5000 + "\n", "cannot be read"),
+])
+def test_yaml_bombs_are_refused_fast_in_one_short_line(tmp_path, text, message):
+    start = time.perf_counter()
+    with pytest.raises(InputError, match=message) as e:
+        load_task(_write(tmp_path, text))
+    assert time.perf_counter() - start < 5  # 56 s and a MemoryError, or more than 150 s, before
+    assert "\n" not in str(e.value) and len(str(e.value)) < 300
+
+
+def test_big_task_file_and_override_are_refused_before_parsing(tmp_path):
+    big = _write(tmp_path, "seeds:\n" + "- 1\n" * (MAX_TASK_BYTES // 4 + 1))
+    start = time.perf_counter()
+    with pytest.raises(InputError, match="a task file holds at most"):
+        load_task(big)
+    assert time.perf_counter() - start < 1
+    with pytest.raises(InputError, match="at most"):
+        parse_override("seed=" + "1" * (MAX_TASK_BYTES + 1))
+
+
+def test_a_long_value_is_cut_in_error_messages(tmp_path):
+    with pytest.raises(InputError) as e:
+        load_task(_write(tmp_path, "train: {epochs: [" + ", ".join(["1"] * 5000) + "]}\n"))
+    assert "'train.epochs' must be an integer" in str(e.value) and len(str(e.value)) < 200
+
+
+def test_aliases_are_copies_so_an_override_changes_one_key(tmp_path):
+    p = _write(tmp_path, "kind: skipnet\npretrain: &t {epochs: 2}\nhybrid: *t\n")
+    cfg = load_task(p, ["pretrain.epochs=5"])
+    assert cfg.pretrain.epochs == 5 and cfg.hybrid.epochs == 2
+
+
+# --------------------------------------------------------------------------- group 10: corrupt checkpoints
+
+
+def _tiny_fit(ck, epochs=1):
+    torch.manual_seed(0)
+    net = tiny_resnet_exits((1, 8, 8), 10)
+    x, y = torch.randn(32, 1, 8, 8), torch.randint(0, 10, (32,))
+    return fit(net, (x, y), epochs=epochs, batch_size=16, device="cpu", checkpoint=ck, progress=False)
+
+
+@pytest.mark.parametrize("content, message", [
+    ({}, "not a training checkpoint"),
+    (torch.zeros(3), "holds a Tensor"),
+    ("wrong shapes", "does not fit this model"),
+    ("epoch str", "'epoch' must be int"),
+    ("inf buffer", "non-finite values"),
+    ("bad optimizer", "does not fit this optimizer"),
+])
+def test_corrupt_but_loadable_checkpoints_are_one_line(tmp_path, content, message):
+    ck = tmp_path / "checkpoint.pt"
+    if isinstance(content, str):
+        _tiny_fit(ck)
+        good = torch.load(ck, weights_only=True)
+        if content == "wrong shapes":
+            good["model"]["heads.0.fc.weight"] = torch.zeros(3, 3)
+        elif content == "epoch str":
+            good["epoch"] = "2"
+        elif content == "inf buffer":
+            good["model"]["blocks.0.residual.1.running_var"].fill_(float("inf"))
+        else:
+            good["optimizer"]["param_groups"][0]["lr"] = "fast"
+        content = good
+    save_checkpoint(content, ck) if isinstance(content, dict) else torch.save(content, ck)
+    with pytest.raises(InputError, match=message) as e:
+        _tiny_fit(ck, epochs=2)
+    assert "\n" not in str(e.value)
+
+
+# --------------------------------------------------------------------------- group 2: a good checkpoint is finite
+
+
+def test_divergence_with_a_finite_loss_stops_and_keeps_a_finite_checkpoint(tmp_path):
+    from metadyn.core.callbacks import Callback
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8))  # any model: the loop checks buffers too
+    x, y = torch.randn(64, 4), torch.randint(0, 8, (64,))
+    ck = tmp_path / "ck.pt"
+
+    class Blowup(Callback):  # the loss stays finite; the BatchNorm statistics blow up in the second epoch
+        def on_batch_end(self, state):
+            if state.epoch == 1:
+                with torch.no_grad():
+                    net[1].running_var.fill_(float("inf"))
+
+    with pytest.raises(NonFiniteLossError, match="running_var became NaN or infinite in epoch 2"):
+        fit(net, (x, y), loss=lambda o, t: nn.functional.cross_entropy(o, t), epochs=3, batch_size=16,
+            device="cpu", checkpoint=ck, progress=False, callbacks=[Blowup()])
+    kept = torch.load(ck, weights_only=True)
+    assert kept["epoch"] == 1 and all(torch.isfinite(v).all() for v in kept["model"].values() if v.is_floating_point())
+
+
+def test_initially_infinite_buffers_are_not_divergence(tmp_path):
+    net = nn.Sequential(nn.Linear(4, 3))
+    net.register_buffer("mask", torch.full((3,), float("-inf")))  # e.g. a traced graph's constant
+    fit(net, (torch.randn(16, 4), torch.randint(0, 3, (16,))), loss=lambda o, y: nn.functional.cross_entropy(o, y),
+        epochs=2, batch_size=8, device="cpu", checkpoint=tmp_path / "ck.pt", progress=False)
+    fit(net, (torch.randn(16, 4), torch.randint(0, 3, (16,))), loss=lambda o, y: nn.functional.cross_entropy(o, y),
+        epochs=2, batch_size=8, device="cpu", checkpoint=tmp_path / "ck.pt", progress=False)  # resumes
+
+
+# --------------------------------------------------------------------------- group 16: n_way = 1
+
+
+def test_one_way_episodes_are_refused():
+    from metadyn.data import ClassPool, EpisodeSampler
+
+    pool = ClassPool(torch.randn(20, 1, 4, 4), torch.arange(20) % 4)
+    with pytest.raises(InputError, match="n_way must be at least 2"):
+        EpisodeSampler(pool, 1, 1, 1)
+
+
+# --------------------------------------------------------------------------- group 14 (library side): widths
+
+
+@pytest.mark.parametrize("backbone, options, message", [
+    ("resnet", {"width": 0}, "resnet width must be a positive integer"),
+    ("resnet", {"depth": 8, "exits": "12"}, "resnet exits must be a list"),
+    ("conv4", {"width": 0}, "conv4 width must be a positive integer"),
+    ("mlp", {"hidden": []}, "mlp hidden must be a non-empty list"),
+    ("mlp", {"hidden": [8, 0]}, "mlp hidden width must be a positive integer"),
+])
+def test_backbone_options_are_validated(backbone, options, message):
+    from metadyn.registry import BACKBONES
+
+    with pytest.raises(InputError, match=message):
+        BACKBONES.get(backbone)(in_shape=(1, 8, 8), num_classes=10, **options)
+
+
+def test_any_integer_seed_trains():
+    from metadyn.core.backbones.mlp import tiny_mlp_exits
+    from metadyn.core.train import seed_everything
+
+    seed_everything(2**70)  # "Overflow when unpacking long long" before (kinds' seed lists have no upper bound)
+    fit(tiny_mlp_exits(), (torch.randn(8, 1, 8, 8), torch.randint(0, 10, (8,))), epochs=1, seed=2**70,
+        device="cpu", progress=False)
