@@ -51,3 +51,140 @@ def static_cnn(in_shape=(1, 8, 8), num_classes: int = 10, widths: Sequence[int] 
 def tiny_static_cnn(in_shape=(1, 8, 8), num_classes: int = 10) -> StaticCNN:
     """Two stages of two convs, widths 8 and 16 (tests)."""
     return static_cnn(in_shape, num_classes, widths=(8, 16), convs=2)
+
+
+# --------------------------------------------------------------------------- a user's own trained network
+
+
+def _torchvision_builder(name: str):
+    try:
+        from torchvision import models
+    except ImportError:  # pragma: no cover - torchvision is an optional dependency
+        raise InputError(f"teacher builder {name!r} needs torchvision, which is not installed") from None
+    if name not in models.list_models():
+        return None
+    return lambda **options: models.get_model(name, weights=None, **options)
+
+
+def _function_builder(spec: str):
+    import importlib
+
+    module, _, attr = spec.partition(":")
+    try:
+        fn = importlib.import_module(module)
+        for part in attr.split("."):
+            fn = getattr(fn, part)
+    except (ImportError, AttributeError, ValueError) as e:
+        raise InputError(f"teacher builder {spec!r} cannot be imported ({type(e).__name__}: {str(e)[:80]})") from None
+    if not callable(fn):
+        raise InputError(f"teacher builder {spec!r} is not callable")
+    return fn
+
+
+class FinalExit(nn.Module):
+    """A registered multi-exit backbone seen as a static network: ``forward`` returns its final exit's logits
+    (:meth:`~metadyn.core.backbones.base.MultiExitNet.forward_final`), so exits can be attached to its trunk."""
+
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net.forward_final(x)
+
+
+def adapt_input_channels(model: nn.Module, in_channels: int) -> nn.Module:
+    """Replace the first ``nn.Conv2d`` of ``model`` (in registration order: a torchvision classifier's stem, a
+    ViT's patch projection) by one taking ``in_channels`` channels, its other settings unchanged (freshly
+    initialised: call this before training or loading a checkpoint). Returns ``model``."""
+    for name, m in model.named_modules():
+        if isinstance(m, nn.Conv2d):
+            if m.in_channels != in_channels:
+                new = nn.Conv2d(in_channels, m.out_channels, m.kernel_size, m.stride, m.padding, m.dilation,
+                                m.groups if m.groups == 1 else in_channels, m.bias is not None, m.padding_mode)
+                parent, _, attr = name.rpartition(".")
+                setattr(model.get_submodule(parent) if parent else model, attr, new)
+            return model
+    raise InputError(f"{type(model).__name__} has no nn.Conv2d whose input channels could be set")
+
+
+def build_teacher(builder: str, options: dict | None = None, checkpoint=None, *, in_shape=None,
+                  num_classes: int | None = None, in_channels: int | None = None) -> nn.Module:
+    """A user's static classifier: built by ``builder`` and loaded from ``checkpoint`` (a state dict).
+
+    Args:
+        builder: a torchvision model name (``"resnet18"``, ``"mobilenet_v3_small"``, ``"vit_b_16"``; built with
+            ``weights=None`` and ``options``, e.g. ``num_classes``, ``image_size``), a registered metadyn backbone
+            (``metadyn.registry.BACKBONES``; built with ``in_shape`` and ``num_classes``, seen through
+            :class:`FinalExit`, so cut names start with ``"net."``), or ``"package.module:function"`` (called with
+            ``options``; e.g. ``"torchvision.models.vision_transformer:VisionTransformer"``).
+        options: keyword arguments of the builder.
+        checkpoint: path of a ``state_dict`` saved with ``torch.save`` (read with ``weights_only=True``); ``None``:
+            random weights (to be trained).
+        in_shape, num_classes: passed to a registered backbone (``num_classes`` also to a torchvision builder that
+            does not get it in ``options``).
+        in_channels: for torchvision and function builders, :func:`adapt_input_channels` before loading (a
+            torchvision classifier takes 3 channels; Fashion-MNIST has 1).
+
+    Raises:
+        InputError (one line): unknown builder, options the builder refuses, a checkpoint that cannot be read
+        safely, is not a state dict, or does not fit the built network (missing / unexpected keys, shapes).
+    """
+    from metadyn.config import checked_call
+    from metadyn.registry import BACKBONES
+
+    options = dict(options or {})
+    if not isinstance(builder, str) or not builder:
+        raise InputError(f"teacher builder must be a name, got {builder!r}")
+    where = f"teacher {builder!r} options"
+    if ":" in builder:
+        model = checked_call(_function_builder(builder), options, where)
+    elif builder in BACKBONES.load().names():
+        if in_shape is None or num_classes is None:
+            raise InputError(f"teacher builder {builder!r} (a metadyn backbone) needs in_shape and num_classes")
+        model = FinalExit(checked_call(BACKBONES.get(builder), options, where, in_shape=tuple(in_shape),
+                                       num_classes=num_classes))
+    else:
+        make = _torchvision_builder(builder)
+        if make is None:
+            raise InputError(f"unknown teacher builder {builder!r}: not a torchvision model name, not a registered "
+                             f"backbone ({', '.join(BACKBONES.names())}), not 'package.module:function'")
+        if num_classes is not None:
+            options.setdefault("num_classes", num_classes)
+        try:
+            model = make(**options)
+        except (TypeError, ValueError) as e:
+            raise InputError(f"{where}: {str(e).splitlines()[0][:120]}") from None
+    if not isinstance(model, nn.Module):
+        raise InputError(f"teacher builder {builder!r} returned {type(model).__name__}, not an nn.Module")
+    if in_channels is not None and not isinstance(model, FinalExit):
+        adapt_input_channels(model, int(in_channels))
+    if checkpoint is not None:
+        load_state(model, checkpoint)
+    return model
+
+
+def load_state(model: nn.Module, checkpoint) -> None:
+    """Load the ``state_dict`` saved at ``checkpoint`` (``torch.load(..., weights_only=True)``) into ``model``
+    strictly; anything else is a one-line :class:`InputError`."""
+    import torch
+
+    from metadyn.core.train import load_checkpoint
+
+    state = load_checkpoint(checkpoint)
+    where = f"teacher checkpoint {str(checkpoint)!r}"
+    if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                              for k, v in state.items()):
+        held = type(state).__name__ if not isinstance(state, dict) else "a mapping that is not name -> tensor"
+        raise InputError(f"{where} is not a state dict (it holds {held}); save model.state_dict()")
+    own = model.state_dict()
+    missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+    if missing or unexpected:
+        parts = ([f"missing {len(missing)} key(s), e.g. {missing[0]!r}"] if missing else []) + \
+                ([f"{len(unexpected)} unexpected key(s), e.g. {unexpected[0]!r}"] if unexpected else [])
+        raise InputError(f"{where} does not fit {type(model).__name__}: {'; '.join(parts)}")
+    for k, v in own.items():
+        if tuple(v.shape) != tuple(state[k].shape):
+            raise InputError(f"{where} does not fit {type(model).__name__}: {k!r} has shape {list(state[k].shape)}, "
+                             f"the model's is {list(v.shape)}")
+    model.load_state_dict(state)
