@@ -209,6 +209,10 @@ def main(argv: list[str] | None = None) -> int:
         message = " ".join(str(e).split())  # one line, whatever it holds, and never a whole value
         print(f"metadyn: error: {message if len(message) <= 1000 else message[:997] + '...'}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # the reader went away (`metadyn list | head`): stop quietly, like any Unix tool
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # so that flushing stdout at exit does not raise again
+        return 141
     except OSError as e:  # the machine, not metadyn: a full disk, a folder made read-only while running
         where = f" ({e.filename})" if e.filename else ""
         print(f"metadyn: error: {e.strerror or type(e).__name__}{where}", file=sys.stderr)

@@ -291,12 +291,16 @@ def fit_thresholds(scores: Tensor, fractions: Tensor) -> Tensor:
         fractions: ``(K,)`` target fraction of samples per exit.
 
     Returns:
-        ``(K,)`` thresholds, to be used with ``score >= threshold``.
+        ``(K,)`` float64 thresholds on the CPU, to be used with ``score >= threshold``. The fit runs on a float64
+        CPU copy of ``scores``, wherever they were computed (a sequence of small sorts, each followed by a host
+        decision), so the thresholds do not depend on the device.
 
     References:
         Huang et al., MSDNet, ICLR 2018, Sec. 5.2; code ``kalviny/MSDNet-PyTorch``, ``adaptive_inference.py``,
         ``Tester.dynamic_eval_find_threshold`` (its ``T = 1e8`` when the count never reaches the quota).
     """
+    scores = scores.detach().double().cpu()
+    fractions = torch.as_tensor(fractions).detach().double().cpu()
     k, n = scores.shape
     thresholds = torch.full((k,), float("inf"), dtype=torch.float64)
     thresholds[-1] = float("-inf")

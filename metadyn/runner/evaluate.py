@@ -22,7 +22,7 @@ from metadyn.core.calibration import ece, fit_temperatures, reliability
 from metadyn.core.flops import ExitCosts, exit_costs, expected_cost
 from metadyn.core.inference import collect_logits, dynamic_exit
 from metadyn.core.policies import accuracy_at_budgets, anytime_accuracy, budgeted_curve, pick_exits, policy_for_budget
-from metadyn.errors import NonFiniteLossError
+from metadyn.errors import InputError, NonFiniteLossError
 
 BUDGET_FRACTIONS = (0.25, 0.5, 0.75)
 ALPHA = 0.05
@@ -46,11 +46,18 @@ class ExitEval:
 def evaluate_exits(model, data, ev, group: str = "model") -> ExitEval:
     """Collect every exit's logits (eval mode), fit temperatures on ``calib`` (``ev.calibrate``) and measure
     each exit on ``test``: accuracy, cumulative MFLOPs, ECE before and after temperature scaling, T, and
-    the val accuracy (what a choice between variants may look at)."""
+    the val accuracy (what a choice between variants may look at). A network whose logits are not all finite
+    on a split (it trained to a finite loss but overflows on some inputs) is an :class:`InputError` naming the
+    split and exit: its accuracy would otherwise depend on how ``argmax`` treats NaN."""
     bs = ev.batch_size
     model.eval()
     val, test = (collect_logits(model, s.x, bs) for s in (data.val, data.test))
     calib = collect_logits(model, data.calib.x, bs) if ev.calibrate else None
+    for split, logits in (("val", val), ("test", test), ("calib", calib or [])):
+        for i, lg in enumerate(logits):
+            if not bool(torch.isfinite(lg).all()):
+                raise InputError(f"{group}: exit {i} gives non-finite logits on {split} "
+                                 f"({int((~torch.isfinite(lg).all(-1)).sum())} of {len(lg)} samples)")
     temps = fit_temperatures(calib, data.calib.y) if ev.calibrate else [1.0] * len(test)
     costs = exit_costs(model, data.in_shape)
     acc, val_acc = anytime_accuracy(test, data.test.y), anytime_accuracy(val, data.val.y)

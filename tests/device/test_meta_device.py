@@ -184,11 +184,12 @@ def test_threshold_fitting_with_scores_on_the_device():
         assert is_on_device(idx)
 
 
-@pytest.mark.xfail(strict=True, raises=DeviceMix, reason="fit_thresholds (issue 12's) builds its thresholds and "
-                   "mask on the CPU; budgeted_curve and fit_thresholds_for_budget fit on a CPU copy")
 def test_fit_thresholds_with_scores_on_the_device():
+    """Thresholds are fitted on a float64 CPU copy: the same values whatever device the scores are on."""
+    scores, fractions = torch.rand(3, 50), torch.tensor([0.3, 0.3, 0.4])
     with fake_device():
-        fit_thresholds(on_device(torch.rand(3, 50)), torch.tensor([0.3, 0.3, 0.4]))
+        on_dev = fit_thresholds(on_device(scores), on_device(fractions))
+    assert torch.equal(on_dev, fit_thresholds(scores, fractions))
 
 
 def _episodes(t: int = 3):

@@ -119,3 +119,13 @@ def test_console_script_gives_no_traceback(tmp_path):
     r = subprocess.run([sys.executable, "-m", "metadyn.cli", "run", str(bad)], capture_output=True, text=True)
     assert r.returncode == 2
     assert "Traceback" not in r.stderr and r.stderr.startswith("metadyn: error:") and "not valid YAML" in r.stderr
+
+
+def test_a_closed_pipe_stops_the_cli_quietly():
+    """`metadyn list | head -1`: the reader leaves before metadyn writes; no traceback, no error line."""
+    proc = subprocess.Popen([sys.executable, "-m", "metadyn.cli", "list"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    proc.stdout.close()  # before the child has imported anything, so its first write meets a closed pipe
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 141
+    assert err == ""

@@ -141,8 +141,10 @@ class FewShot(TaskKind):
                         val_episodes=cfg.eval.val_episodes, eval_steps=cfg.meta.eval_inner_steps, seed=seed,
                         device=ctx.device, progress=ctx.progress)
 
-    def _learner(self, name: str, net, built, cfg, ctx: Context, seed: int):
-        """Meta-train method ``name`` on ``net``; returns its predictor, which exits own their trunk, history."""
+    def train_method(self, name: str, net, built, cfg, ctx: Context, seed: int):
+        """Meta-train method ``name`` on ``net``; returns its predictor, which exits own their trunk, history.
+
+        The hook a kind built on this protocol reuses (``oneshot`` does, with its own episodes in ``built``)."""
         samplers, in_shape, _, make_learner = built
         k, epochs, out = net.num_exits, cfg.train.epochs, ctx.out / f"seed{seed}" / name
         own = cfg.meta.algorithm != "anil" and not cfg.meta.share_trunk
@@ -184,7 +186,7 @@ class FewShot(TaskKind):
         def train_one(name: str, seed: int) -> dict:
             seed_everything(seed)
             net = make_net()
-            predictor, own, history = self._learner(name, net, built, cfg, ctx, seed)
+            predictor, own, history = self.train_method(name, net, built, cfg, ctx, seed)
             net.eval()
             val = evaluate_episodes(predictor, samplers["val"], cfg.eval.val_episodes, steps=steps, device=ctx.device)
             test = evaluate_episodes(predictor, samplers["test"], cfg.eval.test_episodes, steps=steps,

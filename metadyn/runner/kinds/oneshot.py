@@ -94,7 +94,7 @@ class Built:
 
 @TASK_KINDS.register("oneshot")
 class OneShot(FewShot):
-    """Reuses the ``fewshot`` kind's meta-training of each method (:meth:`FewShot._learner`) per seed."""
+    """Reuses the ``fewshot`` kind's meta-training of each method (:meth:`FewShot.train_method`) per seed."""
 
     config = OneShotConfig
 
@@ -140,7 +140,7 @@ class OneShot(FewShot):
         seed_everything(seed)
         net = built.make_net()
         start = time.perf_counter()
-        predictor, own, history = self._learner(method, net, (samplers, built.in_shape, built.make_net,
+        predictor, own, history = self.train_method(method, net, (samplers, built.in_shape, built.make_net,
                                                               built.make_learner), cfg, ctx, seed)
         seconds = time.perf_counter() - start
         net.eval()
