@@ -33,6 +33,7 @@ _API = {
     "metadyn.core.outputs": ["ExitOutput"],
     # training: the loop, callbacks, losses, freezing
     "metadyn.core.train": ["fit", "pick_device", "seed_everything", "save_checkpoint", "load_checkpoint"],
+    "metadyn.core.device": ["module_device", "default_precision", "autocast", "configure_kernels", "environment"],
     "metadyn.core.callbacks": ["Callback", "TrainState"],
     "metadyn.core.freeze": ["freeze", "unfreeze"],
     "metadyn.core.losses": ["exitwise_ce", "distillation_loss", "imta_loss", "byot_loss", "kd_loss",
