@@ -131,3 +131,12 @@ def from_rank0(value: float, device: torch.device) -> float:
     t = torch.tensor([float(value) if is_rank0() else 0.0], dtype=torch.float64, device=device)
     dist.all_reduce(t)
     return float(t.item())
+
+
+def mean_over_ranks(t: Tensor) -> Tensor:
+    """The mean of ``t`` over the ranks (a new tensor; ``t`` itself when not distributed). No host sync."""
+    if not active():
+        return t
+    out = t.clone()
+    dist.all_reduce(out)
+    return out / world_size()

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils._pytree import tree_leaves, tree_map
 
+from metadyn.core import distributed
 from metadyn.core.callbacks import Callback, TrainState
 from metadyn.core.outputs import ExitOutput
 from metadyn.errors import InputError
@@ -132,6 +133,8 @@ class AdaptiveTemperature(Callback):
         tau = self.current(teacher_logits.device)
         with torch.no_grad():
             confidence = (teacher_logits.detach().double() / tau).softmax(-1).amax(-1).mean()
+            if distributed.active():  # under torchrun: the global batch's confidence, so every rank keeps one tau
+                confidence = distributed.mean_over_ranks(confidence)
             self.tau = torch.where(confidence > self.maxprob, tau * self.factor, tau)
 
     def on_epoch_end(self, state: TrainState) -> None:

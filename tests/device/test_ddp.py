@@ -16,6 +16,7 @@ import torch.multiprocessing as mp
 
 from metadyn.core import distributed
 from metadyn.core.backbones.mlp import mlp_exits
+from metadyn.core.losses import AdaptiveTemperature
 from metadyn.core.train import fit
 
 N, IN_SHAPE, CLASSES = 40, (1, 4, 4), 3
@@ -48,7 +49,12 @@ def _ranks(rank: int, world: int, init: str, folder: str) -> None:
         ts = [torch.full((5,), float(rank + 1)), torch.full((2, 3), 10.0 * (rank + 1)),
               torch.tensor([rank], dtype=torch.float64)]
         distributed.all_reduce_coalesced(ts, bucket_bytes=24)  # several buckets, two dtypes
-        torch.save({"whole": whole, "resumed": resumed, "reduced": ts}, f"{folder}/rank{rank}.pt")
+        # IMTA's adaptive temperature: rank 0's teacher is confident (max prob ~0.9), rank 1's is not (~0.33);
+        # the global mean (~0.62 > 0.5) raises tau on both ranks, though rank 1 alone would not.
+        temp = AdaptiveTemperature()
+        temp.update(torch.tensor([[4.0, 0.0, 0.0]]) if rank == 0 else torch.zeros(1, 3))
+        torch.save({"whole": whole, "resumed": resumed, "reduced": ts, "tau": float(temp.tau)},
+                   f"{folder}/rank{rank}.pt")
     finally:
         dist.destroy_process_group()
 
@@ -68,6 +74,7 @@ def test_two_gloo_processes_train_as_one_resume_and_reduce_in_buckets(tmp_path):
     a, b, c = r1["reduced"]  # summed over the ranks, bucket by bucket
     assert torch.equal(a, torch.full((5,), 3.0)) and torch.equal(b, torch.full((2, 3), 30.0))
     assert torch.equal(c, torch.tensor([1.0], dtype=torch.float64))
+    assert r0["tau"] == r1["tau"] == 1.05  # one schedule on every rank, from the global batch's confidence
 
 
 def test_shares_of_a_global_batch():
