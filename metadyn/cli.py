@@ -154,6 +154,18 @@ def cmd_list(args) -> int:
     return 0
 
 
+def cmd_data(args) -> int:
+    from metadyn.data import prepare
+
+    if args.data_command == "prepare":
+        for dest, what in prepare.prepare(args.name, args.src, args.to):
+            print(f"{dest}: {what}")
+        return 0
+    for name, where, state in prepare.status():
+        print(f"{name}: {state} ({where})")
+    return 0
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse with its errors on one line (``metadyn: error: ...``, exit 2), like every other error."""
 
@@ -195,6 +207,15 @@ def build_parser() -> argparse.ArgumentParser:
     b.set_defaults(fn=cmd_bench)
     lst = sub.add_parser("list", help="print what is registered and the shipped tasks")
     lst.set_defaults(fn=cmd_list)
+    d = sub.add_parser("data", help="data sets on disk: where they are read from and whether they are ready; "
+                                    "`data prepare NAME --from DIR` copies downloaded files into place")
+    dsub = d.add_subparsers(dest="data_command", parser_class=_Parser)
+    prep = dsub.add_parser("prepare", help="check a data set's downloaded files and copy them into its folder")
+    prep.add_argument("name", help="fashion_mnist, mnist or omniglot")
+    prep.add_argument("--from", dest="src", required=True, help="a folder holding the downloaded files (searched "
+                                                                "recursively)")
+    prep.add_argument("--to", help="the folder holding every data set (default $METADYN_DATA)")
+    d.set_defaults(fn=cmd_data)
     return p
 
 

@@ -1,0 +1,174 @@
+"""From downloaded files to a ready data folder: ``metadyn data`` and ``metadyn data prepare``.
+
+metadyn downloads nothing. A user downloads a data set's files from its authors (the URLs are in
+:data:`SOURCES`), and ``metadyn data prepare NAME --from DIR`` finds them anywhere under ``DIR`` (a Downloads
+folder, an unpacked archive, a Debian package's folder), checks each one (an IDX file's header and length, a
+zip's directory and checksums), and copies it into ``$METADYN_DATA/<folder>`` (or ``--to ROOT``), where the
+loaders look by default. ``metadyn data`` lists every data set read from disk, where it is looked for, and
+whether its files are there.
+
+Files are copied atomically (a temporary file, then a rename); a file already in place with the same bytes is
+left alone, and one with different bytes is never overwritten (one line, exit code 2).
+"""
+
+from __future__ import annotations
+
+import filecmp
+import os
+import shutil
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from metadyn.data.local import ENV, MissingDataError
+from metadyn.errors import InputError
+
+IDX = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
+
+
+@dataclass(frozen=True)
+class Source:
+    """Where a data set's files come from and which of them a ready folder needs.
+
+    ``needs``: groups, each satisfied by any one of its alternatives (a tuple of file names); ``optional``:
+    files copied when found."""
+
+    folder: str
+    url: str
+    needs: tuple[tuple[tuple[str, ...], ...], ...]
+    optional: tuple[str, ...] = ()
+    system: tuple[str, ...] = ()
+
+
+def _idx_needs() -> tuple[tuple[tuple[str, ...], ...], ...]:
+    return tuple(((f"{stem}.gz",), (stem,)) for stem in IDX)
+
+
+SOURCES = {
+    "fashion_mnist": Source(
+        "fashion-mnist", "github.com/zalandoresearch/fashion-mnist, folder data/fashion/ (or Debian's "
+        "dataset-fashion-mnist package)", _idx_needs(), system=("/usr/share/datasets/fashion-mnist",)),
+    "mnist": Source("mnist", "yann.lecun.com/exdb/mnist/ (or one of its mirrors)", _idx_needs()),
+    "omniglot": Source(
+        "omniglot", "github.com/brendenlake/omniglot: python/images_background_small1.zip, "
+        "images_background_small2.zip (or images_background.zip) and python/one-shot-classification/ "
+        "(all_runs.zip, or one_shot_runs_01-10.zip)",
+        ((("images_background_small1.zip", "images_background_small2.zip"), ("images_background.zip",)),
+         (("one_shot_runs_01-10.zip",), ("all_runs.zip",))),
+        optional=("images_evaluation.zip",)),
+}
+
+
+def _check(name: str, path: Path) -> None:
+    """A file worth copying: an IDX file with a consistent header, or a zip whose members are intact."""
+    if path.name.startswith(IDX):
+        from metadyn.data.fashion_mnist import read_idx
+
+        read_idx(path, 3 if "images" in path.name else 1, name)
+        return
+    if path.suffix == ".zip":
+        try:
+            with zipfile.ZipFile(path) as zf:
+                bad = zf.testzip()
+        except (zipfile.BadZipFile, OSError) as e:
+            raise InputError(f"dataset {name!r}: {str(path)!r} is not a readable zip file ({e})") from None
+        if bad is not None:
+            raise InputError(f"dataset {name!r}: {str(path)!r} is damaged (member {bad!r} fails its checksum)")
+
+
+def _find(src: Path, file: str) -> Path | None:
+    """The first ``file`` under ``src`` (its top level first, then depth-first in name order)."""
+    if (src / file).is_file():
+        return src / file
+    for path in sorted(src.rglob(file)):
+        if path.is_file():
+            return path
+    return None
+
+
+def _source(name: str) -> Source:
+    if name not in SOURCES:
+        raise InputError(f"metadyn data prepare: unknown data set {name!r}; known: {', '.join(SOURCES)}")
+    return SOURCES[name]
+
+
+def default_root(to: str | None) -> Path:
+    """``to``, else ``$METADYN_DATA``; an :class:`InputError` when neither is given."""
+    if to is not None:
+        return Path(to).expanduser()
+    env = os.environ.get(ENV)
+    if not env:
+        raise InputError(f"metadyn data prepare: give --to ROOT, or set ${ENV} (the folder holding every data set)")
+    return Path(env).expanduser()
+
+
+def plan(name: str, src: str | Path) -> list[Path]:
+    """The files under ``src`` that make ``name``'s folder complete (one alternative per group, the first one
+    found complete), plus the optional ones found. :class:`MissingDataError` names what is missing and where it
+    comes from."""
+    source, src = _source(name), Path(src).expanduser()
+    if not src.is_dir():
+        raise MissingDataError(f"metadyn data prepare: {str(src)!r} is not a folder")
+    chosen: list[Path] = []
+    for group in source.needs:
+        for alternative in group:
+            found = [_find(src, f) for f in alternative]
+            if all(found):
+                chosen += found
+                break
+        else:
+            wanted = " or ".join(" + ".join(a) for a in group)
+            raise MissingDataError(f"dataset {name!r}: {wanted} not found under {str(src)!r}; download from "
+                                   f"{source.url}")
+    chosen += [p for p in (_find(src, f) for f in source.optional) if p is not None]
+    return chosen
+
+
+def _copy(path: Path, dest: Path) -> str:
+    if dest.exists():
+        if dest.is_file() and filecmp.cmp(path, dest, shallow=False):
+            return "already there"
+        raise InputError(f"metadyn data prepare: {str(dest)!r} exists with other contents; remove it to replace it")
+    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        shutil.copyfile(path, tmp)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, dest)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return "copied"
+
+
+def prepare(name: str, src: str | Path, to: str | None = None) -> list[tuple[Path, str]]:
+    """Check ``name``'s files found under ``src`` and copy them into ``<root>/<folder>`` (root: ``to`` or
+    ``$METADYN_DATA``). Every file is checked before anything is copied. Returns ``(destination, what
+    happened)`` per file."""
+    files = plan(name, src)
+    for path in files:
+        _check(name, path)
+    folder = default_root(to) / _source(name).folder
+    folder.mkdir(parents=True, exist_ok=True)
+    return [(folder / p.name, _copy(p, folder / p.name)) for p in files]
+
+
+def status() -> list[tuple[str, str, str]]:
+    """``(data set, folder it is read from, state)`` for every data set in :data:`SOURCES`: ``ready``, or what
+    is missing."""
+    rows = []
+    env = os.environ.get(ENV)
+    for name, source in SOURCES.items():
+        places = ([Path(env).expanduser() / source.folder] if env else []) + [Path(p) for p in source.system]
+        where = next((p for p in places if p.is_dir()), None)
+        if where is None:
+            looked = ", ".join(str(p) for p in places) or f"${ENV} is not set"
+            rows.append((name, looked, f"missing (download from {source.url})"))
+            continue
+        try:
+            plan(name, where)
+            rows.append((name, str(where), "ready"))
+        except MissingDataError as e:
+            rows.append((name, str(where), f"incomplete: {e}"))
+    return rows
