@@ -59,7 +59,9 @@ _API = {
     "metadyn.consistency.losses": ["consistency_method"],
     "metadyn.datafree": ["synthesize_impressions", "SynthesisSettings", "Impressions", "train_exits",
                          "convert_to_early_exit", "distill_student", "static_cnn", "DEFAULT_TAU", "class_similarity",
-                         "dirichlet_concentration", "final_layer_weight", "sample_targets"],
+                         "dirichlet_concentration", "final_layer_weight", "sample_targets", "convert",
+                         "ConversionReport", "build_teacher"],
+    "metadyn.core.backbones.attach": ["auto_cut_points"],
     "metadyn.attention": ["AttentiveExits", "add_detachable", "prune_later", "prune_saturated", "NotDeployableError",
                           "attention_map", "detachable_loss", "exit_mflops", "transfer_distances"],
     # experiments

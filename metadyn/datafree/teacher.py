@@ -1,4 +1,8 @@
-"""A small static CNN: the kind of trained network data-free conversion starts from.
+"""The teacher data-free conversion starts from: the built-in static CNN, or the user's own trained network.
+
+:func:`build_teacher` builds the user's network (a torchvision model name, a registered metadyn backbone, or
+``package.module:function``) and loads its state dict safely; :class:`InputSpace` says what inputs it expects
+(value range, per-channel normalisation), so impressions are made in its own input space.
 
 Data-free conversion needs a static network that ``torch.fx`` can trace and that returns ``(B, C)``
 logits (:func:`~metadyn.core.backbones.attach.attach_exits`), with BatchNorm layers whose running
@@ -96,7 +100,8 @@ class FinalExit(nn.Module):
 def adapt_input_channels(model: nn.Module, in_channels: int) -> nn.Module:
     """Replace the first ``nn.Conv2d`` of ``model`` (in registration order: a torchvision classifier's stem, a
     ViT's patch projection) by one taking ``in_channels`` channels, its other settings unchanged (freshly
-    initialised: call this before training or loading a checkpoint). Returns ``model``."""
+    initialised: call this before training or loading a checkpoint); a model without one is left as it is.
+    Returns ``model``."""
     for name, m in model.named_modules():
         if isinstance(m, nn.Conv2d):
             if m.in_channels != in_channels:
@@ -105,7 +110,7 @@ def adapt_input_channels(model: nn.Module, in_channels: int) -> nn.Module:
                 parent, _, attr = name.rpartition(".")
                 setattr(model.get_submodule(parent) if parent else model, attr, new)
             return model
-    raise InputError(f"{type(model).__name__} has no nn.Conv2d whose input channels could be set")
+    return model  # no convolution (an MLP): its input is the user's to match
 
 
 def build_teacher(builder: str, options: dict | None = None, checkpoint=None, *, in_shape=None,
@@ -138,7 +143,11 @@ def build_teacher(builder: str, options: dict | None = None, checkpoint=None, *,
         raise InputError(f"teacher builder must be a name, got {builder!r}")
     where = f"teacher {builder!r} options"
     if ":" in builder:
-        model = checked_call(_function_builder(builder), options, where)
+        fn = _function_builder(builder)
+        try:
+            model = checked_call(fn, options, where)
+        except (TypeError, ValueError) as e:  # options a **kwargs builder passes on and something below refuses
+            raise InputError(f"{where}: {str(e).splitlines()[0][:120]}") from None
     elif builder in BACKBONES.load().names():
         if in_shape is None or num_classes is None:
             raise InputError(f"teacher builder {builder!r} (a metadyn backbone) needs in_shape and num_classes")
@@ -188,3 +197,56 @@ def load_state(model: nn.Module, checkpoint) -> None:
             raise InputError(f"{where} does not fit {type(model).__name__}: {k!r} has shape {list(state[k].shape)}, "
                              f"the model's is {list(v.shape)}")
     model.load_state_dict(state)
+
+
+class InputSpace:
+    """What inputs the teacher expects: images in ``bounds`` ``[lo, hi]`` (the data's value range, e.g. [0, 1]),
+    then normalised per channel as ``(x - mean) / std`` (no normalisation when ``mean`` and ``std`` are
+    ``None``). Impressions are optimised through :meth:`synthesis_model` in the data range, clamped to it after
+    every step, and handed to the teacher by :meth:`to_teacher`: inputs in the teacher's own input space that
+    stay inside its valid range, per channel ``[(lo - mean) / std, (hi - mean) / std]``."""
+
+    def __init__(self, bounds=(0.0, 1.0), mean=None, std=None):
+        import math
+
+        import torch
+
+        lo, hi = (float(b) for b in bounds)
+        if not (math.isfinite(lo) and math.isfinite(hi) and lo < hi):
+            raise InputError(f"teacher input range must be [lo, hi] with lo < hi, got {list(bounds)}")
+        if (mean is None) != (std is None):
+            raise InputError("teacher input normalisation needs both mean and std (or neither)")
+        self.bounds = (lo, hi)
+        self.mean = self.std = None
+        if mean is not None:
+            m = torch.as_tensor(mean, dtype=torch.float32).flatten()
+            s = torch.as_tensor(std, dtype=torch.float32).flatten()
+            if len(m) != len(s) or len(m) == 0 or not bool(torch.isfinite(m).all()) or not bool((s > 0).all()):
+                raise InputError(f"teacher input mean and std must be as many finite numbers, std positive, "
+                                 f"got mean={list(map(float, m))}, std={list(map(float, s))}")
+            self.mean, self.std = m[None, :, None, None], s[None, :, None, None]
+
+    def to_teacher(self, x: Tensor) -> Tensor:
+        """Data-range images -> the teacher's input space."""
+        return x if self.mean is None else (x - self.mean.to(x)) / self.std.to(x)
+
+    def synthesis_model(self, teacher: nn.Module) -> nn.Module:
+        """``teacher`` taking data-range inputs (itself when there is no normalisation)."""
+        return teacher if self.mean is None else _Normalized(teacher, self)
+
+    def noise(self, num: int, in_shape, seed: int) -> Tensor:
+        """``num`` uniform noise images in the data range, in the teacher's input space (the control)."""
+        import torch
+
+        lo, hi = self.bounds
+        return self.to_teacher(torch.rand((num, *in_shape), generator=torch.Generator().manual_seed(seed))
+                               * (hi - lo) + lo)
+
+
+class _Normalized(nn.Module):
+    def __init__(self, teacher: nn.Module, space: InputSpace):
+        super().__init__()
+        self.teacher, self.space = teacher, space
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.teacher(self.space.to_teacher(x))

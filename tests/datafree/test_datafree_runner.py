@@ -80,9 +80,10 @@ def test_paper_preset_is_the_released_zskd_recipe():
     from metadyn.datafree.impressions import PAPER_PRESET
     from metadyn.runner.kinds.datafree import ImpressionSpec
 
-    assert PAPER_PRESET == {"tau": 20.0, "steps": 1500, "lr": 0.001, "batch_size": 100}
+    assert PAPER_PRESET == {"tau": 20.0, "steps": 1500, "lr": 0.001, "batch_size": 100, "init": "uniform"}
     paper = ImpressionSpec(preset="paper").settings()
-    assert paper == SynthesisSettings.paper() == SynthesisSettings(tau=20.0, steps=1500, lr=0.001, batch_size=100)
+    assert paper == SynthesisSettings.paper() == SynthesisSettings(tau=20.0, steps=1500, lr=0.001, batch_size=100,
+                                                                   init="uniform")
     assert ImpressionSpec().settings() == SynthesisSettings()  # the tuned defaults: tau 1, 100 steps at lr 0.1
     assert (SynthesisSettings().tau, SynthesisSettings().steps, SynthesisSettings().lr) == (1.0, 100, 0.1)
     kept = ImpressionSpec(preset="paper", synth=SynthesisSettings(bounds=[-1.0, 1.0], jitter=1, steps=30)).settings()

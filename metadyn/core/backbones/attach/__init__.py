@@ -9,10 +9,10 @@ lists where exits can go, with each activation's shape and the FLOPs spent to re
 * ``tracing``: the fx graph in one mode and what an example input produces at each node;
 * ``partition``: where the stages start and end and what the State between them carries;
 * ``stages``: one GraphModule per stage, and :class:`AttachedExits`;
-* ``api``: :func:`attach_exits`, :func:`list_cut_points`.
+* ``api``: :func:`attach_exits`, :func:`list_cut_points`, :func:`auto_cut_points`.
 """
 
-from metadyn.core.backbones.attach.api import CutPoint, HeadFactory, attach_exits, list_cut_points
+from metadyn.core.backbones.attach.api import CutPoint, HeadFactory, attach_exits, auto_cut_points, list_cut_points
 from metadyn.core.backbones.attach.stages import AttachedExits
 
-__all__ = ["AttachedExits", "CutPoint", "HeadFactory", "attach_exits", "list_cut_points"]
+__all__ = ["AttachedExits", "CutPoint", "HeadFactory", "attach_exits", "auto_cut_points", "list_cut_points"]

@@ -237,7 +237,15 @@ def list_cut_points(model: nn.Module, example_input: Tensor, *,
         for c in list_cut_points(resnet18(), torch.randn(1, 3, 224, 224)):
             print(f"{c.name:20s} {c.shape}  {c.mflops:8.1f} MFLOPs")
     """
-    cls = _check_model(model, example_input, "list_cut_points")
+    return _cut_points(model, example_input, leaf_modules, "list_cut_points")[0]
+
+
+def _cut_points(model: nn.Module, example_input: Tensor, leaf_modules, fn: str,
+                main_path: bool = False) -> tuple[list[CutPoint], int]:
+    """:func:`list_cut_points` and the FLOPs of the whole network (one sample); with ``main_path``, only the cuts
+    after which nothing but the cut activation is needed (the State between the stages carries it alone: not a
+    squeeze-excitation branch, nor a block's inside whose residual input is still to be added)."""
+    cls = _check_model(model, example_input, fn)
     one = example_input[:1] if example_input.dim() > 0 else example_input
     watch = {name: m for name, m in model.named_modules() if name}
     tr = trace_model(model, one, watch, tuple(leaf_modules), count_flops=True)
@@ -249,8 +257,50 @@ def list_cut_points(model: nn.Module, example_input: Tensor, *,
             node = cut_node(roles, name, cls)
         except InputError:
             continue
-        if node is not roles.result:
+        if node is not roles.result and (not main_path or _alone(model, roles, name, cls)):
             found.append((roles.pos[node], order[name], name, node))
     found.sort(key=lambda c: c[:2])
-    return [CutPoint(name, tuple(int(d) for d in tr.info[node].shapes[0][1:]), tr.flops[node])
-            for _, _, name, node in found]
+    return ([CutPoint(name, tuple(int(d) for d in tr.info[node].shapes[0][1:]), tr.flops[node])
+             for _, _, name, node in found], int(tr.flops[roles.result]))
+
+
+def _alone(model: nn.Module, roles, name: str, cls: str) -> bool:
+    try:
+        return len(partition(model, roles, [name], cls).states[1]) == 1
+    except InputError:
+        return False
+
+
+def auto_cut_points(model: nn.Module, example_input: Tensor, count: int, *,
+                    leaf_modules: tuple[type[nn.Module], ...] = ()) -> list[str]:
+    """``count`` cut points at even fractions of the network's FLOPs: exit ``i`` (1-based) follows the module
+    whose cumulative FLOPs (:func:`list_cut_points`) are nearest ``i / (count + 1)`` of the whole network's,
+    among the modules on the main path (after which the stages carry nothing but that module's output).
+
+    Among modules reaching the same FLOPs the least nested name wins (``"layer1"`` before ``"layer1.1"`` and
+    ``"layer1.1.bn2"``; a ReLU or an addition costs no FLOPs in the count), then the earliest; the chosen cuts
+    have strictly increasing FLOPs. Raises :class:`InputError` when the network has fewer such places than
+    ``count``.
+
+    Example::
+
+        at = auto_cut_points(resnet18(num_classes=10), torch.randn(1, 3, 64, 64), 3)  # e.g. layer1, layer2, layer3
+    """
+    if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+        raise InputError(f"the number of automatic exits must be a positive integer, got {count!r}")
+    points, total = _cut_points(model, example_input, leaf_modules, "auto_cut_points", main_path=True)
+    best: dict[int, CutPoint] = {}  # FLOPs level -> its least nested (then earliest) module
+    for p in points:
+        if 0 < p.flops < total and (p.flops not in best or p.name.count(".") < best[p.flops].name.count(".")):
+            best[p.flops] = p
+    levels = sorted(best)
+    if len(levels) < count:
+        raise InputError(f"{type(model).__name__} has {len(levels)} places an exit can follow (with distinct FLOPs), "
+                         f"fewer than the {count} asked for")
+    chosen: list[int] = []
+    for i in range(1, count + 1):
+        target = i * total / (count + 1)
+        lo = chosen[-1] + 1 if chosen else 0  # strictly after the previous cut, leaving room for the rest
+        hi = len(levels) - (count - i)
+        chosen.append(min(range(lo, hi), key=lambda j: (abs(levels[j] - target), j)))
+    return [best[levels[j]].name for j in chosen]

@@ -29,7 +29,9 @@ class ExitTracer(fx.Tracer):
             self._names.setdefault(id(m), []).append(name)
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        return isinstance(m, self.leaf_types) or super().is_leaf_module(m, module_qualified_name)
+        from metadyn.core.heads import ExitHead  # branches on its input's rank: a leaf (a registered backbone's head)
+
+        return isinstance(m, (*self.leaf_types, ExitHead)) or super().is_leaf_module(m, module_qualified_name)
 
     def call_module(self, m: nn.Module, forward: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
         out = super().call_module(m, forward, args, kwargs)
