@@ -30,7 +30,10 @@ lint: install
 
 bench: install
 	names=$$($(PY) -c 'from metadyn.registry import BENCHMARKS; print(*BENCHMARKS)') && \
-	for b in $$names; do $(VENV)/bin/metadyn bench $$b --json runs/bench_$$b.json --overwrite || exit 1; done
+	for b in $$names; do \
+		$(VENV)/bin/metadyn bench $$b --json runs/bench_$$b.json --overwrite || exit 1; \
+		$(VENV)/bin/metadyn bench $$b --under-load --json runs/bench_$${b}_load.json --overwrite || exit 1; \
+	done
 
 check-wheel: install
 	scripts/check_wheel.sh $(PY)

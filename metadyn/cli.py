@@ -114,6 +114,9 @@ class JsonTarget:
 
 
 def cmd_bench(args) -> int:
+    import torch
+
+    from metadyn.bench._load import competing_load
     from metadyn.bench._timing import environment
     from metadyn.config import parse_override
     from metadyn.core.device import configure_kernels
@@ -130,11 +133,14 @@ def cmd_bench(args) -> int:
     configure_kernels(args.kernels)
     target = JsonTarget(args.json, args.overwrite) if args.json else None
     try:
-        result = fn(quick=args.quick, **options)
+        with competing_load(args.under_load) as load:  # stopped on the way out, also on an error or Ctrl-C
+            result = fn(quick=args.quick, **options)
     except BaseException:
         if target is not None:
             target.discard()
         raise
+    result["under_load"] = load  # {"processes": 0} or the competing process's core
+    result["threads"] = torch.get_num_threads()  # as the benchmark left them (threads=N sets them)
     result["reuse_freed_memory"] = args.reuse_freed_memory  # same setting for metadyn and its alternative
     result["environment"] = environment(options.get("device", "auto"))  # device name, versions, kernel switches
     text = json_text(result)
@@ -198,6 +204,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--json", help="also write the result object to this file (its folder is created only when the "
                                   "folder above it exists; an existing file needs --overwrite)")
     b.add_argument("--overwrite", action="store_true", help="replace an existing --json file")
+    b.add_argument("--under-load", action="store_true", help="run a competing CPU-bound process on one core for "
+                                                             "the duration (a busy machine); the JSON records it")
     b.add_argument("--quick", action="store_true", help="fewer repetitions")
     b.add_argument("--model", help="network to benchmark, where the benchmark takes one")
     b.add_argument("--set", action="append", metavar="KEY=VALUE", help="benchmark option (repeatable)")

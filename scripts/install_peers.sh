@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
-# Install the peers metadyn is measured against (higher 0.2.1, learn2learn 0.2.0) into a virtual env.
+# Install the peers metadyn is measured against (higher 0.2.1, learn2learn 0.2.0, TorchOpt 0.7.3) into a virtual env.
 #
 #   scripts/install_peers.sh VENV_PYTHON        e.g. scripts/install_peers.sh .venv/bin/python
 #
-# Idempotent: returns at once when both import at the pinned versions. learn2learn 0.2.0's sdist ships
+# Idempotent: returns at once when all three import at the pinned versions. TorchOpt's compiled operators do
+# not load on a torch it was not built against (torch 2.14: an undefined symbol); it then runs its pure-PyTorch
+# path, which `metadyn bench maml` records (MAML's MetaSGD uses no compiled operator). learn2learn 0.2.0's sdist ships
 # Cython C files that no longer compile on Python >= 3.11 (longintrepr.h); they are regenerated with
 # Cython 3 and the package is built without build isolation. It is installed without its dependency
 # list (gsutil, qpth: only needed by dataset downloaders and MetaOptNet, which metadyn never uses);
@@ -16,18 +18,18 @@ PY=${1:?usage: scripts/install_peers.sh VENV_PYTHON}
 check() {
     "$PY" - <<'PY' 2>/dev/null
 from importlib.metadata import version
-import higher, learn2learn  # noqa: F401
-assert version("higher") == "0.2.1" and version("learn2learn") == "0.2.0"
+import higher, learn2learn, torchopt  # noqa: F401
+assert version("higher") == "0.2.1" and version("learn2learn") == "0.2.0" and version("torchopt") == "0.7.3"
 PY
 }
 
 if check; then
-    echo "install_peers: higher 0.2.1 and learn2learn 0.2.0 already installed"
+    echo "install_peers: higher 0.2.1, learn2learn 0.2.0 and torchopt 0.7.3 already installed"
     exit 0
 fi
 
 PIP=("$PY" -m pip install --quiet --disable-pip-version-check)
-"${PIP[@]}" "higher==0.2.1" "cython>=3" "gym" "requests" "setuptools" "wheel"
+"${PIP[@]}" "higher==0.2.1" "torchopt==0.7.3" "optree" "graphviz" "cython>=3" "gym" "requests" "setuptools" "wheel"
 
 if ! "$PY" -c 'import learn2learn' 2>/dev/null; then
     tmp=$(mktemp -d)
@@ -44,8 +46,8 @@ if ! "$PY" -c 'import learn2learn' 2>/dev/null; then
 fi
 
 if ! check; then
-    echo "install_peers: installed, but 'import higher, learn2learn' still fails:" >&2
-    "$PY" -c 'import higher, learn2learn' >&2 || true
+    echo "install_peers: installed, but 'import higher, learn2learn, torchopt' still fails:" >&2
+    "$PY" -c 'import higher, learn2learn, torchopt' >&2 || true
     exit 1
 fi
-echo "install_peers: higher 0.2.1 and learn2learn 0.2.0 installed"
+echo "install_peers: higher 0.2.1, learn2learn 0.2.0 and torchopt 0.7.3 installed"

@@ -92,8 +92,9 @@ def test_tiny_benchmark_writes_its_json(name, tmp_path, capsys):
     assert main(["bench", name, "--quick", *TINY[name], "--json", str(out)]) == 0
     result = json.loads(out.read_text())
     assert json.loads(capsys.readouterr().out) == result
-    assert set(result) == KEYS[name] | {"reuse_freed_memory", "environment"}  # device name, versions, kernels
+    assert set(result) == KEYS[name] | {"reuse_freed_memory", "environment", "under_load", "threads"}
     assert result["batch"] == 16
+    assert result["under_load"] == {"processes": 0}  # no --under-load: no competing process
 
 
 def test_tiny_maml_benchmark(tmp_path):
@@ -103,7 +104,15 @@ def test_tiny_maml_benchmark(tmp_path):
     opts = ["--set", "meta_batch=1", "--set", "width=4", "--set", "repeats=1"]
     assert main(["bench", "maml", "--quick", *opts, "--json", str(out)]) == 0
     result = json.loads(out.read_text())
-    assert set(result["tasks_per_s"]) == {"metadyn", "learn2learn", "higher", "learn2learn_channels_last"}
+    peers = {"metadyn", "learn2learn", "higher", "learn2learn_channels_last"}
+    try:
+        import torchopt  # noqa: F401
+    except ImportError:  # not installed: not measured, and the JSON says so
+        assert result["torchopt"] is None and result["speedup_vs_torchopt"] is None
+    else:
+        peers.add("torchopt")
+        assert result["torchopt"]["version"] == "0.7.3" and isinstance(result["torchopt"]["cxx_ops"], bool)
+    assert set(result["tasks_per_s"]) == peers
     assert max(result["max_rel_diff"].values()) < 1e-3
 
 
@@ -128,3 +137,20 @@ def test_unknown_task_name_exits_2_naming_the_shipped_tasks(tmp_path, monkeypatc
     assert err.startswith("metadyn: error: ") and err.count("\n") == 1
     assert "'digits_anytime'" in err  # did you mean
     assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("extra", [["--set", "gate=blockdrop"], ["--set", "gate=blockdrop", "--set", "policies=3"],
+                                   ["--set", "gate=rnn", "--set", "threads=0"]])
+def test_tiny_skipping_benchmark_gates(extra, tmp_path):
+    out = tmp_path / "s.json"
+    assert main(["bench", "skipping", "--quick", *TINY["skipping"], *extra, "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["mismatches"] == 0 and 0 < result["blocks_used"] < 1
+    if "policies=3" in extra:
+        assert result["distinct_policies"] <= 3 and "3 policies" in result["model"]
+    assert result["threads"] >= 1
+
+
+def test_policies_needs_blockdrop(capsys):
+    assert main(["bench", "skipping", "--set", "policies=3"]) == 2
+    assert "pass gate=blockdrop" in capsys.readouterr().err

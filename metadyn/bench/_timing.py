@@ -17,7 +17,7 @@ from metadyn.errors import InputError
 Batch = Annotated[int, Check(ge=1, le=65_536)]
 Repeats = Annotated[int | None, Check(ge=1, le=10_000)]  # None: the benchmark's default
 Seed = Annotated[int, Check(ge=0, le=2**32 - 1)]
-Threads = Annotated[int | None, Check(ge=1, le=1024)]  # None: torch's default
+Threads = Annotated[int | None, Check(ge=0, le=1024)]  # None: torch's default; 0: one per idle core
 MicroBatch = Annotated[int | None, Check(ge=-1)]  # -1: cache-sized slices on the CPU; None: the whole batch
 Fraction = Annotated[float, Check(gt=0, le=1)]
 

@@ -20,7 +20,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from metadyn.bench._timing import Batch, Repeats, Seed, time_interleaved
+from metadyn.bench._timing import Batch, Repeats, Seed, Threads, time_interleaved
+from metadyn.core.runtime import set_threads
 from metadyn.core.train import pick_device
 from metadyn.datafree import (
     ImpressionBatch,
@@ -42,7 +43,8 @@ MODELS = {  # the teachers of tasks/datafree_*.yaml: (in_shape, classes, widths)
 
 @BENCHMARKS.register("impressions")
 def run(quick: bool = False, model: str = "digits", batch: Batch = 256, repeats: Repeats = None,
-        device: str = "auto", seed: Seed = 0) -> dict:
+        device: str = "auto", seed: Seed = 0, threads: Threads = None) -> dict:
+    set_threads(threads)  # None: torch's default; 0: one per core other processes leave idle
     if model not in MODELS:
         raise InputError(f"unknown model {model!r} for the impressions benchmark; choose from: {', '.join(MODELS)}")
     if batch < 1:

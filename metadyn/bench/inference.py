@@ -11,7 +11,8 @@ and reports ``flop_speedup`` (static FLOPs / expected FLOPs of the policy), ``re
 (a / c), ``simulated_speedup`` (a / b), ``ratio`` (realized / FLOP speedup), ``mismatches`` (samples
 whose prediction differs between b and c) and ``device``. All three run the same inference-prepared
 copy of the network (BatchNorm folded, channels-last) and, on the CPU, the same micro-batching (slices
-of 64 that fit the cache; ``micro_batch``), so the ratios measure early exit alone. ``plain_ratio`` is
+of 64 that fit the cache; ``micro_batch``), so the ratios measure early exit alone. ``threads`` sets torch's
+intra-op threads (default: torch's; 0: one per core other processes leave idle). ``plain_ratio`` is
 the same ratio on the network as trained, run as one batch (BatchNorm kept, default layout): there the
 memory-bound work that FLOPs ignore, and the cache misses of a 256-sample batch at full resolution,
 weigh on the early stages that every sample runs.
@@ -24,10 +25,20 @@ from __future__ import annotations
 
 import torch
 
-from metadyn.bench._timing import Batch, Fraction, MicroBatch, Repeats, Seed, micro_batch_for, time_interleaved
+from metadyn.bench._timing import (
+    Batch,
+    Fraction,
+    MicroBatch,
+    Repeats,
+    Seed,
+    Threads,
+    micro_batch_for,
+    time_interleaved,
+)
 from metadyn.core.flops import exit_costs, expected_cost
 from metadyn.core.inference import dynamic_exit, micro_batched, prepare_for_inference, simulated_exit
 from metadyn.core.policies import ThresholdPolicy, fit_thresholds_for_budget, policy_scores
+from metadyn.core.runtime import set_threads
 from metadyn.core.train import pick_device
 from metadyn.errors import InputError
 from metadyn.registry import BENCHMARKS
@@ -45,8 +56,10 @@ def build_model(model: str, in_shape):
 
 @BENCHMARKS.register("inference")
 def run(quick: bool = False, model: str = "resnet", batch: Batch = 256, budget: Fraction = 0.5, repeats: Repeats = None,
-        device: str = "auto", seed: Seed = 0, micro_batch: MicroBatch = -1) -> dict:
+        device: str = "auto", seed: Seed = 0, micro_batch: MicroBatch = -1, threads: Threads = None) -> dict:
     import metadyn.core.backbones  # noqa: F401  (registers the backbones)
+
+    set_threads(threads)  # None: torch's default; 0: one per core other processes leave idle
 
     dev = pick_device(device)
     micro_batch = micro_batch_for(micro_batch, dev)

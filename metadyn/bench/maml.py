@@ -1,11 +1,13 @@
-"""Second-order MAML meta-steps: metadyn vs learn2learn vs higher, same network, weights and episodes.
+"""Second-order MAML meta-steps: metadyn vs learn2learn, higher and TorchOpt, same network, weights and episodes.
 
 Conv-4 (32 channels, per-episode BatchNorm statistics) on 28x28 single-channel glyphs, 5-way 1-shot,
 15 queries per class, meta-batch of 8 episodes, 1 inner step (lr 0.4), second order, the final exit.
 One timed call is one meta-step: the meta-gradient of the whole meta-batch accumulated into ``.grad``,
 each library used as its documentation shows (learn2learn ``MAML.clone()/adapt()`` and higher's
-``innerloop_ctx(copy_initial_weights=False)``, one backward per episode). The three meta-gradients are
-compared (``max_rel_diff``) before timing.
+``innerloop_ctx(copy_initial_weights=False)``, one backward per episode; TorchOpt as its MAML example does,
+``MetaSGD`` with ``extract_state_dict``/``recover_state_dict`` around each episode and one backward of the
+mean query loss). TorchOpt is measured when it is installed (``torchopt``: its version and whether its C++
+operators loaded). The meta-gradients are compared (``max_rel_diff``) before timing.
 
 Keys: ``tasks_per_s`` and ``peak_mb`` per method, ``speedup_vs_learn2learn``, ``speedup_vs_higher``,
 ``device``; ``learn2learn_channels_last`` is learn2learn on a channels-last copy of the inputs and
@@ -32,6 +34,7 @@ from torch.utils._pytree import tree_flatten
 from metadyn.bench._timing import Repeats, Seed, Threads, sync, time_interleaved
 from metadyn.config import Check
 from metadyn.core.backbones.conv4 import conv4_exits
+from metadyn.core.runtime import set_threads
 from metadyn.core.train import pick_device
 from metadyn.data import ClassPool, EpisodeSampler
 from metadyn.meta import MetaLearner, to_channels_last
@@ -95,6 +98,24 @@ class _Final(torch.nn.Module):
         return self.net.forward_final(x)
 
 
+def _torchopt():
+    """TorchOpt, if installed, and how it runs: ``{"version", "cxx_ops"}`` (``cxx_ops``: whether its compiled
+    operators load; on torch builds it was not compiled against they do not, and it runs its pure-PyTorch
+    path — MAML's MetaSGD uses no compiled operator either way), or ``(None, None)``."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            import torchopt
+    except ImportError:
+        return None, None
+    try:
+        from torchopt import _C  # noqa: F401
+        cxx = True
+    except ImportError:
+        cxx = False
+    return torchopt, {"version": torchopt.__version__, "cxx_ops": cxx}
+
+
 @BENCHMARKS.register("maml")
 def run(quick: bool = False, meta_batch: MetaBatch = 8, width: Width = 32, inner_lr: Positive = 0.4,
         repeats: Repeats = None, device: str = "auto", threads: Threads = None, seed: Seed = 0) -> dict:
@@ -102,8 +123,7 @@ def run(quick: bool = False, meta_batch: MetaBatch = 8, width: Width = 32, inner
         warnings.simplefilter("ignore")
         import higher
         import learn2learn as l2l
-    if threads is not None:
-        torch.set_num_threads(int(threads))
+    set_threads(threads)  # None: torch's default; 0: one per idle core
     dev = pick_device(device)
     torch.manual_seed(seed)
     pool = ClassPool.from_glyphs("train", samples_per_class=16 + 4)
@@ -144,19 +164,39 @@ def run(quick: bool = False, meta_batch: MetaBatch = 8, width: Width = 32, inner
                 diffopt.step(F.cross_entropy(fmodel(sx[i]), sy[i]))
                 (F.cross_entropy(fmodel(qx[i]), qy[i]) / t).backward()
 
+    torchopt, torchopt_ops = _torchopt()
+    torchopt_step = None
+    if torchopt is not None:
+        inner = torchopt.MetaSGD(model, lr=inner_lr)  # TorchOpt's MAML example (examples/few-shot/maml_omniglot.py)
+
+        def torchopt_step():
+            model.zero_grad(set_to_none=True)
+            net_state = torchopt.extract_state_dict(model, by="reference", detach_buffers=True)
+            opt_state = torchopt.extract_state_dict(inner, by="reference")
+            losses = []
+            for i in range(t):
+                inner.step(F.cross_entropy(model(sx[i]), sy[i]))
+                losses.append(F.cross_entropy(model(qx[i]), qy[i]))
+                torchopt.recover_state_dict(model, net_state)
+                torchopt.recover_state_dict(inner, opt_state)
+            torch.mean(torch.stack(losses)).backward()
+
     def grads(m):
         return torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten() for p in m.parameters()])
 
     metadyn_step()
     ref = grads(net)
     diffs = {}
-    for name, step, m in (("learn2learn", l2l_step, model), ("higher", higher_step, model),
-                          ("learn2learn_channels_last", l2l_cl_step, cl_model)):
-        step()
-        diffs[name] = float((grads(m) - ref).norm() / ref.norm())
-
     fns = {"metadyn": metadyn_step, "learn2learn": l2l_step, "higher": higher_step,
            "learn2learn_channels_last": l2l_cl_step}
+    if torchopt_step is not None:
+        fns["torchopt"] = torchopt_step
+    for name, step in fns.items():
+        if name != "metadyn":
+            step()
+            diffs[name] = float((grads(cl_model if name == "learn2learn_channels_last" else model) - ref).norm()
+                                / ref.norm())
+
     times = time_interleaved(fns, dev, repeats=repeats or (3 if quick else 9), warmup=1 if quick else 2)
     tps = {k: t / v for k, v in times.items()}
     peaks = {k: peak_mb(f, dev) for k, f in fns.items()}
@@ -168,6 +208,8 @@ def run(quick: bool = False, meta_batch: MetaBatch = 8, width: Width = 32, inner
         "speedup_vs_learn2learn": tps["metadyn"] / tps["learn2learn"],
         "speedup_vs_higher": tps["metadyn"] / tps["higher"],
         "speedup_vs_learn2learn_channels_last": tps["metadyn"] / tps["learn2learn_channels_last"],
+        "speedup_vs_torchopt": tps["metadyn"] / tps["torchopt"] if "torchopt" in tps else None,
+        "torchopt": torchopt_ops,
         "peak_mb": peaks,
         "max_rel_diff": diffs,
         "median_ms": {k: 1e3 * v for k, v in times.items()},

@@ -18,6 +18,7 @@ from metadyn.core.gating import (
     blockdrop_reward,
     bound_probs,
     curriculum_forced,
+    execution,
     gated_ce,
     gated_costs,
     policy_counts,
@@ -453,3 +454,55 @@ def test_curriculum_state_is_restored_on_resume(tmp_path):
         runs.append(net.learn_last)
     assert runs == [2, 2]
     assert load_checkpoint(ck)["callbacks"] == [{"learn_last": 2}]
+
+
+@pytest.mark.parametrize("distinct", [2, 5, 24])
+def test_grouped_blockdrop_execution_equals_masked_and_each_sample_alone(distinct):
+    """Samples sorted by policy and run in slices (few distinct policies) or gathered (many): the same logits
+    as every block on every sample mixed by the decisions, and as each sample alone, in the batch's order."""
+    torch.manual_seed(distinct)
+    net = _blockdrop()
+    bb = net.backbone
+    k = len(bb.blocks)
+    policies = (torch.rand(distinct, k) < 0.5).double()
+    policies[0] = 1.0  # the always-on policy is one of them
+    actions = policies[torch.randint(0, distinct, (24,))]
+    x = torch.randn(24, 1, 8, 8, dtype=torch.float64)
+    plan = execution.skip_schedule(actions, min_run=4)
+    kinds = {kind for kind, _ in plan.steps}
+    assert sorted(plan.order.tolist()) == list(range(24))
+    if distinct <= 5:
+        assert "runs" in kinds  # grouped: slices of the sorted batch
+    else:
+        assert "rows" in kinds  # scattered decisions: gathered samples
+    with torch.no_grad():
+        grouped = net.run_policy(x, actions)
+        alone = torch.cat([net.run_policy(x[n : n + 1], actions[n : n + 1]) for n in range(24)])
+    masked = net.run_policy(x, actions)  # autograd on: the training path
+    assert torch.allclose(grouped, masked, atol=1e-10, rtol=0)
+    assert torch.allclose(grouped, alone, atol=1e-10, rtol=0)
+
+
+def test_skip_schedule_sorts_by_policy_and_plans_slices():
+    actions = torch.tensor([[0, 1], [1, 0], [1, 1], [0, 1], [1, 1]], dtype=torch.float64)
+    plan = execution.skip_schedule(actions, min_run=1)
+    assert actions[plan.order].tolist() == [[1, 1], [1, 1], [1, 0], [0, 1], [0, 1]]
+    assert plan.steps[0] == ("runs", [(0, 3)]) and plan.steps[1] == ("runs", [(0, 2), (3, 5)])
+    plan = execution.skip_schedule(actions, min_run=3)  # block 1: 4 samples in 2 slices < 3 each
+    assert plan.steps[1][0] == "rows" and plan.steps[1][1].tolist() == [0, 1, 3, 4]
+    ones = execution.skip_schedule(torch.ones(3, 2))
+    assert ones.steps == [("all", None), ("all", None)]
+    assert execution.skip_schedule(torch.zeros(3, 2)).steps == [("none", None), ("none", None)]
+
+
+def test_row_gather_and_scatter_keep_layout_and_values():
+    x = torch.randn(6, 3, 4, 5, dtype=torch.float64)
+    idx = torch.tensor([0, 2, 5])
+    for t in (x, x.contiguous(memory_format=torch.channels_last), x[:, :, ::2]):  # the last: a strided view
+        got = execution.take_rows(t, idx)
+        assert torch.equal(got, t[idx]) and got.stride() == t[idx].stride()
+        out = torch.zeros_like(t)
+        execution.put_rows(out, idx, t[idx])
+        ref = torch.zeros_like(t)
+        ref[idx] = t[idx]
+        assert torch.equal(out, ref)

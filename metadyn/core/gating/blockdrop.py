@@ -27,7 +27,8 @@ from metadyn.core.gating.execution import (
     check_mode,
     final_logits,
     run_block,
-    skip_plan,
+    run_scheduled,
+    skip_schedule,
 )
 from metadyn.core.gating.reinforce import bernoulli_log_prob, reinforce_loss
 from metadyn.errors import InputError
@@ -88,8 +89,8 @@ class BlockDropNet(nn.Module):
     :func:`~metadyn.core.freeze.freeze`): its parameters stop requiring gradients, it stays in eval mode and,
     autograd being off for it, it really skips blocks. The policy network is moved to the backbone's device and
     dtype (the two always run on the same input). Without autograd, all decisions being known before the
-    backbone runs, a forward synchronises with the host once (:func:`~metadyn.core.gating.execution.skip_plan`),
-    not once per block.
+    backbone runs, a forward synchronises with the host once and runs samples grouped by policy
+    (:func:`~metadyn.core.gating.execution.skip_schedule`), not once per block.
 
     Args:
         backbone: a gated backbone (:func:`~metadyn.core.gating.execution.check_gateable`), e.g. a ResNet
@@ -140,11 +141,17 @@ class BlockDropNet(nn.Module):
     def run_policy(self, x: Tensor, actions: Tensor) -> Tensor:
         """The backbone's logits when block ``k`` runs for sample ``n`` iff ``actions[n, k]`` (0/1)."""
         bb = self.backbone
-        plan = None if torch.is_grad_enabled() else skip_plan(actions)  # real skipping: one sync for all blocks
-        h = bb.stem(x)
-        for i, block in enumerate(bb.blocks):
-            h = run_block(block, h, actions[:, i], None if plan is None else plan[i])
-        return final_logits(bb, h)
+        if torch.is_grad_enabled():  # training: every block on every sample, mixed by the decisions
+            h = bb.stem(x)
+            for i, block in enumerate(bb.blocks):
+                h = run_block(block, h, actions[:, i])
+            return final_logits(bb, h)
+        plan = skip_schedule(actions)  # real skipping, samples grouped by policy: one sync for all blocks
+        h = bb.stem(x[plan.order])
+        for block, step in zip(bb.blocks, plan.steps):
+            h = run_scheduled(block, h, step)
+        z = final_logits(bb, h)
+        return torch.empty_like(z).index_copy_(0, plan.order, z)  # back in the batch's order
 
     def learn_mask(self, device: torch.device) -> Tensor:
         """``(K,)`` bool on ``device``: the blocks whose decisions the curriculum's step ``learn_last`` learns."""

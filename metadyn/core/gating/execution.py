@@ -109,9 +109,10 @@ def skip_block(block: nn.Module, x: Tensor, on: Tensor, inplace: bool = False) -
     compute ``mask * block(x) + (1 - mask) * shortcut(x)`` instead, which saves FLOPs only on paper.
 
     There is one host synchronisation (finding the gated-on samples) and one gather and one scatter with
-    the same index; advanced indexing (``t[idx]``) keeps a channels-last layout, ``index_select`` would not.
-    When every block's decisions are known before the network runs (BlockDrop), :func:`skip_plan` finds the
-    samples of all blocks with one synchronisation and :func:`skip_rows` runs each block without one.
+    the same index, each a copy of whole samples (:func:`take_rows`, :func:`put_rows`: the layout, channels-last
+    included, is kept). When every block's decisions are known before the network runs (BlockDrop),
+    :func:`skip_schedule` plans all blocks with one synchronisation and :func:`run_scheduled` runs each block
+    without one.
 
     Args:
         block: a residual block with a ``shortcut`` module (:class:`~metadyn.core.backbones.resnet.BasicBlock`).
@@ -127,21 +128,58 @@ def skip_block(block: nn.Module, x: Tensor, on: Tensor, inplace: bool = False) -
     return skip_rows(block, x, on.nonzero().squeeze(1), inplace)  # nonzero: the one host sync of this block
 
 
+def _sample_rows(t: Tensor) -> Tensor | None:
+    """``t`` as a ``(B, rest)`` view, one row per sample, when each sample is one dense run of memory (a
+    contiguous or channels-last tensor); None otherwise."""
+    b = t.shape[0] if t.dim() >= 2 else 0
+    per = t.numel() // b if b else 0
+    if not per or t.stride(0) != per:
+        return None
+    if not (t.is_contiguous() or (t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last))):
+        return None
+    return t.as_strided((b, per), (per, 1))
+
+
+def take_rows(x: Tensor, idx: Tensor) -> Tensor:
+    """``x[idx]`` (``idx`` a 1-D index tensor) in ``x``'s own layout. Each sample of a contiguous or channels-last
+    ``x`` is one run of memory, so this is ``index_select`` of whole rows (one copy per sample), not the
+    element-wise gather of advanced indexing; other tensors fall back to ``x[idx]``."""
+    rows = _sample_rows(x)
+    if rows is None:
+        return x[idx]
+    per = rows.shape[1]
+    return rows.index_select(0, idx).as_strided((idx.numel(), *x.shape[1:]), (per, *x.stride()[1:]))
+
+
+def put_rows(out: Tensor, idx: Tensor, y: Tensor) -> None:
+    """``out[idx] = y`` in place, as whole-row copies (``index_copy_``) when both have the same per-sample layout."""
+    ro, ry = _sample_rows(out), _sample_rows(y)
+    if ro is not None and ry is not None and out.stride()[1:] == y.stride()[1:] and out.shape[1:] == y.shape[1:]:
+        ro.index_copy_(0, idx, ry)
+    else:
+        out[idx] = y
+
+
+def _shortcut_out(block: nn.Module, x: Tensor, inplace: bool) -> Tensor:
+    """``block.shortcut(x)`` as a tensor that may be written into (``x`` itself only when ``inplace``)."""
+    out = block.shortcut(x)
+    if out is x:
+        return out if inplace else x.clone()
+    if out.untyped_storage().data_ptr() == x.untyped_storage().data_ptr():
+        return out.clone()  # a strided view of x (a subsampling shortcut): never write through it
+    return out
+
+
 def skip_rows(block: nn.Module, x: Tensor, idx: Tensor, inplace: bool = False) -> Tensor:
     """:func:`skip_block` given the samples that run the block as indices ``idx`` (increasing, a tensor of
     known length): no host synchronisation."""
     n = idx.numel()
     if n == x.shape[0]:
         return block(x)
-    out = block.shortcut(x)
     if n == 0:
-        return out
-    if out is x:
-        if not inplace:
-            out = x.clone()
-    elif out.untyped_storage().data_ptr() == x.untyped_storage().data_ptr():
-        out = out.clone()  # a strided view of x (a subsampling shortcut): never write through it
-    out[idx] = block(x[idx])
+        return block.shortcut(x)
+    out = _shortcut_out(block, x, inplace)
+    put_rows(out, idx, block(take_rows(x, idx)))
     return out
 
 
@@ -153,6 +191,84 @@ def skip_plan(actions: Tensor) -> list[Tensor]:
     order = torch.argsort((~on).T.to(torch.uint8), dim=1, stable=True)  # (K, B): each block's samples first
     counts = on.sum(0).tolist()  # the one host sync
     return [order[k, :n] for k, n in enumerate(counts)]
+
+
+@dataclass
+class SkipSchedule:
+    """How to run a batch whose ``(B, K)`` block decisions are all known before the network runs
+    (:func:`skip_schedule`).
+
+    Attributes:
+        order: ``(B,)`` the batch's samples sorted by policy (run the network on ``x[order]``, then put output
+            ``n`` back at ``order[n]``).
+        steps: per block, in the sorted order: ``("all", None)``, ``("none", None)``, ``("runs", [(start, end),
+            ...])`` (the block runs on these contiguous slices: no gather, no scatter) or ``("rows", idx)`` (it
+            runs on the samples ``idx``, :func:`skip_rows`).
+    """
+
+    order: Tensor
+    steps: list[tuple[str, Any]]
+
+
+def skip_schedule(actions: Tensor, min_run: int = 16) -> SkipSchedule:
+    """Plan a forward under ``(B, K)`` 0/1 decisions known in advance (BlockDrop), with one host synchronisation.
+
+    The samples are sorted by their policy, block 0's decision first (lexicographically, "on" before "off"),
+    so that samples sharing a policy are adjacent and so are, at each block, the samples that run it — more
+    so the earlier the block and the fewer distinct policies there are. A block whose samples then form
+    slices of ``min_run`` samples on average (or one slice) runs on each slice in place (grouped execution:
+    what a group of samples with one policy needs, without the gather and scatter); any other runs on its
+    samples gathered (:func:`skip_rows`). The order is a permutation: outputs are per sample as without it.
+    """
+    on = (actions > 0.5).cpu()  # the one host sync
+    b, k = on.shape
+    order = torch.arange(b)
+    for j in reversed(range(k)):  # stable sorts, last key first: lexicographic on (block 0, block 1, ...)
+        order = order[torch.argsort((~on[order, j]).to(torch.uint8), stable=True)]
+    sorted_on = on[order]
+    steps: list[tuple[str, Any]] = []
+    rows: list[tuple[int, Tensor]] = []
+    for j in range(k):
+        col = sorted_on[:, j]
+        n = int(col.sum())
+        if n == b:
+            steps.append(("all", None))
+            continue
+        if n == 0:
+            steps.append(("none", None))
+            continue
+        edges = torch.diff(col.to(torch.int8), prepend=torch.zeros(1, dtype=torch.int8),
+                           append=torch.zeros(1, dtype=torch.int8))
+        starts, ends = (edges == 1).nonzero().squeeze(1).tolist(), (edges == -1).nonzero().squeeze(1).tolist()
+        if len(starts) == 1 or n >= min_run * len(starts):
+            steps.append(("runs", list(zip(starts, ends))))
+        else:
+            steps.append(("rows", None))
+            rows.append((j, col.nonzero().squeeze(1)))
+    dev = actions.device
+    if rows:  # every index moved to the device in one copy
+        flat = torch.cat([order] + [r for _, r in rows]).to(dev, non_blocking=True)
+        order, rest = flat[:b], flat[b:].split([r.numel() for _, r in rows])
+        for (j, _), r in zip(rows, rest):
+            steps[j] = ("rows", r)
+    else:
+        order = order.to(dev, non_blocking=True)
+    return SkipSchedule(order, steps)
+
+
+def run_scheduled(block: nn.Module, x: Tensor, step: tuple[str, Any]) -> Tensor:
+    """Block ``k`` of a :class:`SkipSchedule` on the forward's own running activation ``x`` (overwritten)."""
+    kind, arg = step
+    if kind == "all":
+        return block(x)
+    if kind == "none":
+        return block.shortcut(x)
+    if kind == "rows":
+        return skip_rows(block, x, arg, inplace=True)
+    out = _shortcut_out(block, x, inplace=True)
+    for start, end in arg:
+        out[start:end] = block(x[start:end])
+    return out
 
 
 def run_block(block: nn.Module, x: Tensor, g: Tensor, idx: Tensor | None = None) -> Tensor:
