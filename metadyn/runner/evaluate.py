@@ -56,7 +56,7 @@ def evaluate_exits(model, data, ev, group: str = "model") -> ExitEval:
     for split, logits in (("val", val), ("test", test), ("calib", calib or [])):
         for i, lg in enumerate(logits):
             if not bool(torch.isfinite(lg).all()):
-                raise InputError(f"{group}: exit {i} gives non-finite logits on {split} "
+                raise InputError(f"{group}: exit {i} gives non-finite (NaN or inf) logits on {split} "
                                  f"({int((~torch.isfinite(lg).all(-1)).sum())} of {len(lg)} samples)")
     temps = fit_temperatures(calib, data.calib.y) if ev.calibrate else [1.0] * len(test)
     costs = exit_costs(model, data.in_shape)
