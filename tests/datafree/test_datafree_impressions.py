@@ -195,8 +195,25 @@ def test_priors_and_augmentation_run_and_stay_in_range(teacher):
     assert torch.isfinite(imps.kl).all()
 
 
+def test_inputs_start_blank_or_as_uniform_noise(teacher):
+    """``init="lower"`` starts every pixel at the lower bound, ``"uniform"`` spreads them over the bounds; one
+    Adam step moves a pixel by at most about ``lr``."""
+    lo, hi, lr = -0.5, 0.5, 1e-3
+    blank = synthesize_impressions(teacher, 20, in_shape=(1, 8, 8), device="cpu",
+                                   settings=SynthesisSettings(steps=1, lr=lr, bounds=[lo, hi], init="lower"))
+    assert float(blank.x.max()) <= lo + 1.01 * lr
+    noise = synthesize_impressions(teacher, 20, in_shape=(1, 8, 8), device="cpu",
+                                   settings=SynthesisSettings(steps=1, lr=lr, bounds=[lo, hi], init="uniform"))
+    assert float(noise.x.std()) > 0.2 and float(noise.x.mean()) == pytest.approx(0.0, abs=0.1)
+
+
+def test_paper_preset_keeps_the_papers_random_start():
+    s = SynthesisSettings.paper()
+    assert (s.tau, s.steps, s.lr, s.batch_size, s.init) == (20.0, 1500, 0.001, 100, "uniform")
+
+
 @pytest.mark.parametrize("bad", [{"tau": 0.0}, {"steps": 0}, {"betas": []}, {"bounds": [1.0, 0.0]},
-                                 {"bn_weight": -1.0}, {"jitter": -1}, {"lr": float("nan")}])
+                                 {"bn_weight": -1.0}, {"jitter": -1}, {"lr": float("nan")}, {"init": "gaussian"}])
 def test_bad_settings_are_input_errors(teacher, bad):
     with pytest.raises(InputError):
         synthesize_impressions(teacher, 8, in_shape=(1, 8, 8), settings=SynthesisSettings(**bad), device="cpu")
