@@ -67,6 +67,7 @@ def main(argv: list[str] | None = None) -> None:
     device = init_from_env(pick_device(args.pop("device")))
     try:
         meta_train(args.pop("out"), device=device, **args)
+        dist.barrier()  # every rank done before any tears the process group down
     finally:
         dist.destroy_process_group()
 

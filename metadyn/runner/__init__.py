@@ -284,7 +284,10 @@ def run_task(task: str | Path, overrides=(), quick: bool = False, out: str | Pat
         dev = distributed.init_from_env(dev)
     try:
         with default_precision(precision or "fp32"):
-            return _run(cfg, kind, out_dir, dev, out is None, progress)
+            result = _run(cfg, kind, out_dir, dev, out is None, progress)
+        if joined:
+            distributed.barrier()  # every rank done before any tears the process group down
+        return result
     finally:
         if joined:
             import torch.distributed as dist

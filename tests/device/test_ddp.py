@@ -55,6 +55,7 @@ def _ranks(rank: int, world: int, init: str, folder: str) -> None:
         temp.update(torch.tensor([[4.0, 0.0, 0.0]]) if rank == 0 else torch.zeros(1, 3))
         torch.save({"whole": whole, "resumed": resumed, "reduced": ts, "tau": float(temp.tau)},
                    f"{folder}/rank{rank}.pt")
+        dist.barrier()  # no rank tears gloo down while another is still talking to it (SIGABRT otherwise)
     finally:
         dist.destroy_process_group()
 

@@ -25,6 +25,7 @@ def _ranks(rank: int, world: int, init: str, folder: str) -> None:
         meta_train(f"{folder}/meta.pt", epochs=1, **SETTINGS)  # stopped after its first checkpoint
         resumed = meta_train(f"{folder}/meta.pt", epochs=2, **SETTINGS)  # every rank reads it, rank 0 wrote it
         torch.save({"whole": whole, "resumed": resumed}, f"{folder}/rank{rank}.pt")
+        dist.barrier()  # no rank tears gloo down while another is still talking to it
     finally:
         dist.destroy_process_group()
 
