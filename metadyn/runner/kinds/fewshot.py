@@ -96,6 +96,27 @@ def make_consistency(net, in_shape, options: dict):
     return checked_call(consistency_method, options, "meta.consistency", model=net, in_shape=in_shape)
 
 
+
+def model_factories(cfg, in_shape):
+    """``make_net()`` (the task's multi-exit network for ``n_way`` classes) and ``make_learner(net, **over)``
+    (a :class:`MetaLearner` with the task's ``meta`` options, ``over`` replacing some), checked once here: the
+    meta options and the network's normalisation are validated before anything runs. Shared by every kind
+    built on this protocol (``fewshot``, ``oneshot``)."""
+    from metadyn.meta import MetaLearner
+
+    m, n_way = cfg.meta, cfg.episodes.n_way
+
+    def make_net():
+        return specs.build_model(cfg.model, in_shape, n_way)
+
+    def make_learner(net, **over):
+        opts = dict(algorithm=m.algorithm, inner_lr=m.inner_lr, inner_steps=m.inner_steps,
+                    exit_weights=m.exit_weights, share_trunk=m.share_trunk, metasgd_init=m.metasgd_init)
+        return MetaLearner(net, **{**opts, **over})
+
+    make_learner(make_net())
+    return make_net, make_learner
+
 @TASK_KINDS.register("fewshot")
 class FewShot(TaskKind):
     config = FewShotConfig
@@ -103,7 +124,6 @@ class FewShot(TaskKind):
     def build(self, cfg, device):
         """Pools, samplers, the network builder and the learner builder (no side effects)."""
         from metadyn.data import EpisodeSampler
-        from metadyn.meta import MetaLearner
         from metadyn.meta.data import fewshot_pool
 
         if "final_exit" in cfg.eval.baselines and cfg.meta.algorithm == "anil":
@@ -117,15 +137,7 @@ class FewShot(TaskKind):
                                                             seed=seed)
         in_shape = tuple(pools["train"].x.shape[1:])
 
-        def make_net():
-            return specs.build_model(cfg.model, in_shape, ep.n_way)
-
-        def make_learner(net, **over):
-            opts = dict(algorithm=m.algorithm, inner_lr=m.inner_lr, inner_steps=m.inner_steps,
-                        exit_weights=m.exit_weights, share_trunk=m.share_trunk, metasgd_init=m.metasgd_init)
-            return MetaLearner(net, **{**opts, **over})
-
-        make_learner(make_net())  # validates the meta options and the network's normalisation
+        make_net, make_learner = model_factories(cfg, in_shape)
         if "exits_consistency" in cfg.eval.baselines:
             if m.consistency.get("kind", "byol") == "simsiam":
                 raise InputError("meta.consistency: kind 'simsiam' needs augmented views; use byol or l2")

@@ -39,7 +39,7 @@ from metadyn.data.fewshot_folders import OMNIGLOT_MINIMAL
 from metadyn.errors import InputError
 from metadyn.registry import TASK_KINDS
 from metadyn.runner import Context, Results, evaluate, report, specs
-from metadyn.runner.kinds.fewshot import FewShot, MetaSpec, MetaTrainSpec
+from metadyn.runner.kinds.fewshot import FewShot, MetaSpec, MetaTrainSpec, model_factories
 
 METHODS = ("protonet", "exits", "joint", "final_exit")
 
@@ -101,10 +101,9 @@ class OneShot(FewShot):
     def build(self, cfg, device):
         """Background characters, the test runs, the network and learner builders (no side effects)."""
         from metadyn.data.fewshot_folders import omniglot_characters, omniglot_runs
-        from metadyn.meta import MetaLearner
         from metadyn.meta.data import oneshot_samplers
 
-        d, ep, m = cfg.data, cfg.episodes, cfg.meta
+        d, ep = cfg.data, cfg.episodes
         if cfg.meta.algorithm == "anil" and {"exits", "final_exit"} & set(cfg.eval.methods):
             raise InputError("the exits and final_exit methods adapt the trunk; use meta.algorithm maml/fomaml")
         runs = omniglot_runs(d.root, d.runs, d.size)
@@ -116,15 +115,7 @@ class OneShot(FewShot):
                          rotations=d.rotations)  # validates the alphabets and episode sizes
         in_shape = tuple(chars.x.shape[1:])
 
-        def make_net():
-            return specs.build_model(cfg.model, in_shape, ep.n_way)
-
-        def make_learner(net, **over):
-            opts = dict(algorithm=m.algorithm, inner_lr=m.inner_lr, inner_steps=m.inner_steps,
-                        exit_weights=m.exit_weights, share_trunk=m.share_trunk, metasgd_init=m.metasgd_init)
-            return MetaLearner(net, **{**opts, **over})
-
-        make_learner(make_net())  # validates the meta options and the network's normalisation
+        make_net, make_learner = model_factories(cfg, in_shape)
         return Built(chars, runs, in_shape, make_net, make_learner)
 
     def _train_one(self, method: str, seed: int, cfg, built: Built, ctx: Context) -> dict:
