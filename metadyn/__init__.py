@@ -46,6 +46,10 @@ _API = {
     "metadyn.core.flops": ["exit_costs", "expected_cost", "count_flops"],
     # dynamic inference
     "metadyn.core.inference": ["dynamic_exit", "simulated_exit", "collect_logits", "prepare_for_inference"],
+    # measuring a trained network, the significance rule, plots
+    "metadyn.core.evaluation": ["evaluate_exits", "ExitEval", "budget_sweep", "operating_point", "diverged_rows"],
+    "metadyn.core.stats": ["paired", "holm", "aggregate", "mean_std"],
+    "metadyn.core.plots": ["plot_groups", "plot_bars", "plot_reliability"],
     # layer skipping
     "metadyn.core.gating": ["GatedResNet", "BlockDropNet", "PolicyNet", "gated_costs", "skipnet_loss",
                             "blockdrop_loss"],

@@ -77,7 +77,7 @@ class JsonTarget:
     writable (a temp file is opened there now and renamed over the target at the end)."""
 
     def __init__(self, path: str, overwrite: bool):
-        from metadyn.core.train import new_file_mode
+        from metadyn.core.files import new_file_mode
 
         self.path = Path(path)
         if self.path.is_dir():
@@ -120,8 +120,8 @@ def cmd_bench(args) -> int:
     from metadyn.bench._timing import environment
     from metadyn.config import parse_override
     from metadyn.core.device import configure_kernels
+    from metadyn.core.files import json_text
     from metadyn.registry import BENCHMARKS
-    from metadyn.runner import json_text
 
     fn = BENCHMARKS.get(args.name)
     options = dict(parse_override(s) for s in (args.set or []))

@@ -88,7 +88,7 @@ def test_divergence_exits_2_and_keeps_only_a_finite_checkpoint(tmp_path, capsys)
 
 
 def test_nan_logits_in_evaluation_exit_2(tmp_path, capsys, monkeypatch):
-    import metadyn.runner.evaluate as ev
+    import metadyn.core.evaluation as ev
 
     real = ev.collect_logits
 
@@ -127,7 +127,7 @@ def test_tiny_validation_split_finishes(tmp_path, capsys):
 
 
 def test_a_late_failure_keeps_the_trained_checkpoint_usable(tmp_path, capsys, monkeypatch):
-    import metadyn.runner.evaluate as ev
+    import metadyn.core.evaluation as ev
     from metadyn.errors import InputError
 
     def broken(*a, **k):
@@ -279,11 +279,11 @@ def test_results_get_the_umask_permissions_and_stale_temps_are_cleaned(tmp_path,
 
 
 def test_plots_are_written_atomically(tmp_path):
-    from metadyn.runner import report
+    from metadyn.core import plots
 
     path = tmp_path / "plot.png"
     path.write_bytes(b"the finished run's plot")
-    plt = report.pyplot()
+    plt = plots.pyplot()
     fig, ax = plt.subplots()
 
     def crash(target, *a, **k):  # killed half-way through writing the PNG
@@ -295,7 +295,7 @@ def test_plots_are_written_atomically(tmp_path):
 
     fig.savefig = crash
     with pytest.raises(KeyboardInterrupt):
-        report._save(fig, path)
+        plots.save_figure(fig, path)
     assert path.read_bytes() == b"the finished run's plot" and [p.name for p in tmp_path.iterdir()] == ["plot.png"]
 
 

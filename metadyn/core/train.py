@@ -25,7 +25,6 @@ import itertools
 import math
 import os
 import random
-import tempfile
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -36,6 +35,7 @@ from torch import Tensor, nn
 from metadyn.core import distributed
 from metadyn.core.callbacks import Callback, TrainState
 from metadyn.core.device import autocast, fits_on, module_device, resolve_precision
+from metadyn.core.files import atomic_file, remove_stale_temps
 from metadyn.core.losses import ce_loss
 from metadyn.errors import InputError, NonFiniteLossError
 
@@ -89,20 +89,6 @@ def seed_everything(seed: int) -> None:
 # --------------------------------------------------------------------------- checkpoints
 
 
-def new_file_mode() -> int:
-    """The permissions a new file gets under the process's umask (``mkstemp`` alone gives 0600)."""
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return 0o666 & ~mask
-
-
-def remove_stale_temps(path: str | os.PathLike) -> None:
-    """Remove the temp files an atomic write of ``path`` left when its process was killed half-way."""
-    path = Path(path)
-    for tmp in path.parent.glob(f".{path.name}.*.tmp"):
-        tmp.unlink(missing_ok=True)
-
-
 def save_checkpoint(obj: dict, path: str | os.PathLike) -> None:
     """Write ``obj`` with ``torch.save`` to a temp file beside ``path``, then rename it over ``path``.
 
@@ -116,18 +102,8 @@ def save_checkpoint(obj: dict, path: str | os.PathLike) -> None:
 
 def _write_checkpoint(obj: dict, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            os.fchmod(f.fileno(), new_file_mode())
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_file(path, fsync=True) as f:
+        torch.save(obj, f)
 
 
 def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict:

@@ -311,11 +311,9 @@ class Impressions:
 
     def plot(self, path, per_class: int = 6, max_classes: int = 20) -> None:
         """A PNG grid: one row per class (at most ``max_classes``), ``per_class`` impressions, first channel."""
-        import matplotlib
+        from metadyn.core.plots import pyplot, save_figure
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
+        plt = pyplot()
         rows = list(range(min(int(self.classes.max()) + 1, max_classes)))
         fig, axes = plt.subplots(len(rows), per_class, figsize=(per_class * 0.7, len(rows) * 0.75), squeeze=False)
         lo, hi = float(self.x.min()), float(self.x.max())
@@ -327,8 +325,7 @@ class Impressions:
                     ax.imshow(self.x[idx[j], 0].numpy(), cmap="gray", vmin=lo, vmax=hi)
                     ax.set_title(f"{c} b={float(self.betas[idx[j]]):g}", fontsize=5)
         fig.tight_layout(pad=0.2)
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
+        save_figure(fig, path, dpi=110, tight=False)
 
     def summary(self) -> dict:
         """Median and mean achieved KL and argmax agreement, overall and per beta."""

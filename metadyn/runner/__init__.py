@@ -43,12 +43,13 @@ import yaml
 from metadyn.config import TaskConfig, load_task, safe_load, short, to_dict
 from metadyn.core import distributed
 from metadyn.core.device import configure_kernels, default_precision
+from metadyn.core.files import atomic_write_text, json_text
 from metadyn.core.train import pick_device, seed_everything
 from metadyn.errors import InputError
 from metadyn.registry import TASK_KINDS
-from metadyn.runner.results import Results, atomic_write_text, json_text, settings
+from metadyn.runner.results import Results, settings
 
-__all__ = ["Context", "Results", "TaskKind", "atomic_write_text", "json_text", "run_folder", "run_task"]
+__all__ = ["Context", "Results", "TaskKind", "run_folder", "run_task"]
 
 LOCK = ".lock"  # the run folder's lock file (flock'ed while a run lives)
 FAILED = "failed.json"  # written when a run fails after its folder was prepared
@@ -100,7 +101,7 @@ class TaskKind:
         return "\n\n".join(parts) + "\n"
 
     def plots(self, cfg: Any, res: Results, out: Path) -> None:
-        from metadyn.runner.report import plot_groups
+        from metadyn.core.plots import plot_groups
 
         plot_groups(out / "accuracy_vs_mflops.png", res.rows, res.curves, f"{cfg.task} (test)")
 

@@ -5,19 +5,14 @@ variant or condition (``"model"`` when a kind trains one network) and optional k
 and ``n`` (over seeds), ``ci95`` (over episodes), ``ece``, ``ece_calibrated``, ``temperature``, ``val_accuracy``.
 ``curves``: accuracy-vs-MFLOPs points ``{group, mflops, accuracy, ...}``. ``budgets``: accuracy at a share of
 the static FLOPs ``{group, budget_fraction, accuracy, mflops, ...}``. ``comparisons``: paired differences
-``{group, against, at, difference, se, n, p, p_holm, verdict}`` (see :mod:`metadyn.runner.evaluate`).
+``{group, against, at, difference, se, n, p, p_holm, verdict}`` (see :mod:`metadyn.core.stats`).
 ``extra``: what only this kind has.
 """
 
 from __future__ import annotations
 
-import json
-import math
 import os
-import tempfile
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
 
 
 @dataclass
@@ -59,39 +54,3 @@ def settings(device) -> dict:
             "precision": env["precision"], "world_size": distributed.world_size(),
             "dtype": str(torch.get_default_dtype()), "torch": torch.__version__,
             "reuse_freed_memory": os.environ.get("METADYN_REUSE_MEMORY", "1") != "0"}
-
-
-def file_mode() -> int:
-    """The permissions a new file gets under the process's umask (``mkstemp`` alone would give 0600)."""
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return 0o666 & ~mask
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write a text file through a temp file and a rename, so readers never see half a file; the file gets
-    the umask's permissions, like any other file the run writes."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            os.fchmod(f.fileno(), file_mode())
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _finite(obj: Any) -> Any:
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {k: _finite(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [_finite(v) for v in obj]
-    return obj
-
-
-def json_text(obj: Any) -> str:
-    """Strict JSON (non-finite floats such as a last exit's ``-inf`` threshold become ``null``)."""
-    return json.dumps(_finite(obj), indent=2) + "\n"

@@ -90,6 +90,10 @@ class EvalSpec:
     ece_bins: int = spec(15, ge=1)
     batch_size: int = spec(256, ge=1)
 
+    def options(self) -> dict:
+        """Keyword arguments of :func:`metadyn.core.evaluation.evaluate_exits`."""
+        return {"batch_size": self.batch_size, "calibrate": self.calibrate, "ece_bins": self.ece_bins}
+
 
 def load_data(spec: DataSpec, seed: int):
     """The task's dataset with its seeded train/val/calib/test splits."""

@@ -5,8 +5,9 @@ import pytest
 import torch
 
 from metadyn.cli import main
+from metadyn.core.evaluation import ExitEval, budget_sweep
 from metadyn.core.flops import ExitCosts
-from metadyn.runner.evaluate import ExitEval, budget_sweep, holm, paired
+from metadyn.core.stats import holm, paired
 from metadyn.runner.kinds.compare import GASpec, _ga_point
 
 ROOT = Path(__file__).resolve().parents[2]

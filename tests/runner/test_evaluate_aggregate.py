@@ -5,7 +5,9 @@ import math
 import pytest
 import torch
 
-from metadyn.runner.evaluate import aggregate, scored_accuracy, seed_pairs
+from metadyn.core.evaluation import scored_accuracy
+from metadyn.core.stats import aggregate
+from metadyn.runner.evaluate import seed_pairs
 
 
 def _rows(*accs, diverged=False):

@@ -11,8 +11,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from metadyn.config import TaskConfig
+from metadyn.core import evaluation, plots
 from metadyn.registry import TASK_KINDS
-from metadyn.runner import Context, Results, TaskKind, evaluate, report, specs
+from metadyn.runner import Context, Results, TaskKind, report, specs
 
 
 @dataclass
@@ -36,22 +37,22 @@ class Anytime(TaskKind):
         data, model, loss = built
         state = specs.train(model, loss, data.train, cfg.train, cfg.seed, ctx.device, ctx.out / "checkpoint.pt",
                       ctx.progress)
-        e = evaluate.evaluate_exits(model, data, cfg.eval)
-        curve, budgets = evaluate.budget_sweep(e, data.test.y, cfg.eval.policy, "model")
+        e = evaluation.evaluate_exits(model, data, **cfg.eval.options())
+        curve, budgets = evaluation.budget_sweep(e, data.test.y, cfg.eval.policy, "model")
         cum = e.costs.cumulative
-        op = evaluate.operating_point(model, e.val, e.test, data.test.x, data.test.y, cum,
+        op = evaluation.operating_point(model, e.val, e.test, data.test.x, data.test.y, cum,
                                       max(0.5 * e.costs.full, cum[0]), cfg.eval.policy, ctx.device)
         extra = {"full_mflops": e.costs.full / 1e6, "operating_point": {"budget_fraction": 0.5, **op},
                  "splits": {n: len(data.split(n)) for n in ("train", "val", "calib", "test")},
-                 "history": state.history, "reliability": evaluate.reliability_of(e, data.test.y, cfg.eval.ece_bins)}
+                 "history": state.history, "reliability": evaluation.reliability_of(e, data.test.y, cfg.eval.ece_bins)}
         return Results(cfg.data.name, e.rows, curve, budgets, extra=extra)
 
     def plots(self, cfg, res, out):
-        report.plot_groups(out / "accuracy_vs_mflops.png", res.rows, res.curves, f"{cfg.task} (test)")
-        report.plot_bars(out / "exit_histogram.png", res.extra["operating_point"]["exit_fractions"], "exit",
+        plots.plot_groups(out / "accuracy_vs_mflops.png", res.rows, res.curves, f"{cfg.task} (test)")
+        plots.plot_bars(out / "exit_histogram.png", res.extra["operating_point"]["exit_fractions"], "exit",
                   "samples leaving (%)", "exits at 50% of the static network's FLOPs (test)")
         rel = res.extra["reliability"]
-        report.plot_reliability(out / "reliability.png", rel["before"], rel["after"])
+        plots.plot_reliability(out / "reliability.png", rel["before"], rel["after"])
 
     def sections(self, cfg, res):
         e, op = res.extra, res.extra["operating_point"]

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 
 from metadyn import attention as att
 from metadyn.config import TaskConfig, spec
+from metadyn.core import evaluation, plots, stats
 from metadyn.core.flops import exit_costs
 from metadyn.core.inference import collect_logits
 from metadyn.core.policies import anytime_accuracy
@@ -119,7 +120,7 @@ class Attention(TaskKind):
             res["params"] = sum(p.numel() for p in model.parameters())
             if model.deployable and seed in ref_full:
                 val = collect_logits(model, data.val.x, bs)
-                op = evaluate.operating_point(model, val, test, data.test.x, data.test.y, [m * 1e6 for m in mf],
+                op = evaluation.operating_point(model, val, test, data.test.x, data.test.y, [m * 1e6 for m in mf],
                                      a.budget_fraction * ref_full[seed], "confidence", ctx.device, bs)
                 res["budgets"] = [{"group": v, "budget_fraction": a.budget_fraction, **op}] if op else []
             return res
@@ -135,14 +136,14 @@ class Attention(TaskKind):
             for key in ("distance_init", "distance"):
                 if done and key in done[0]:
                     name = "init" if key == "distance_init" else v
-                    extra["distance"][name] = [evaluate.mean_std([r[key][i] for r in done])
+                    extra["distance"][name] = [stats.mean_std([r[key][i] for r in done])
                                                for i in range(len(done[0][key]))]
         comps = evaluate.seed_pairs(runs, PAIRS, cfg.seeds, range(max(r["exit"] for r in rows)))
-        extra["reference_full_mflops"] = evaluate.mean_std(list(ref_full.values()))[0] / 1e6 if ref_full else None
+        extra["reference_full_mflops"] = stats.mean_std(list(ref_full.values()))[0] / 1e6 if ref_full else None
         return Results(cfg.data.name, rows, budgets=budgets, comparisons=comps, extra=extra)
 
     def plots(self, cfg, res, out):
-        report.plot_groups(out / "accuracy_vs_mflops.png", res.rows, [], f"{cfg.task} (test)", labels=LABELS,
+        plots.plot_groups(out / "accuracy_vs_mflops.png", res.rows, [], f"{cfg.task} (test)", labels=LABELS,
                     xlabel="MFLOPs per sample (cumulative)")
 
     def sections(self, cfg, res):

@@ -16,11 +16,12 @@ from dataclasses import dataclass, field
 import torch
 
 from metadyn.config import TaskConfig, spec
+from metadyn.core import evaluation, stats
 from metadyn.core.policies import ThresholdPolicy, evaluate_policy, ga_thresholds, pick_exits, policy_scores
 from metadyn.core.train import seed_everything
 from metadyn.errors import InputError
 from metadyn.registry import TASK_KINDS
-from metadyn.runner import Context, Results, TaskKind, evaluate, report, specs
+from metadyn.runner import Context, Results, TaskKind, report, specs
 
 _NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
 
@@ -86,9 +87,9 @@ class Compare(TaskKind):
             state = specs.train(model, loss, data.train, cfg.train, cfg.seed, ctx.device,
                                 ctx.out / name / "checkpoint.pt", ctx.progress)
             seconds = time.perf_counter() - t0
-            e = evaluate.evaluate_exits(model, data, cfg.eval, name)
+            e = evaluation.evaluate_exits(model, data, name, **cfg.eval.options())
             ref_full = ref_full or e.costs.full
-            curve, geo = evaluate.budget_sweep(e, y, score, name, full=ref_full)
+            curve, geo = evaluation.budget_sweep(e, y, score, name, full=ref_full)
             cum = e.costs.cumulative
             n = cfg.ga.curve_points
             grid = [cum[0] + (cum[-1] - cum[0]) * i / max(n - 1, 1) for i in range(n)]
@@ -99,8 +100,8 @@ class Compare(TaskKind):
                                 **_ga_point(e, data, b, score, cfg.ga, cfg.seed)} for b in grid]
             rows += e.rows
             budgets += geo + ga
-            hits[name] = {"final exit": evaluate.correct(e.test[-1], y)} | {
-                f"{100 * b['budget_fraction']:.0f}% budget": evaluate.correct(pick_exits(e.test, ThresholdPolicy(
+            hits[name] = {"final exit": evaluation.correct(e.test[-1], y)} | {
+                f"{100 * b['budget_fraction']:.0f}% budget": evaluation.correct(pick_exits(e.test, ThresholdPolicy(
                     b["thresholds"], score))[1], y) for b in geo if b["thresholds"] is not None}
             m = cfg.methods[name].model or cfg.model
             info[name] = {"method": cfg.methods[name].method, "method_options": cfg.methods[name].method_options,
@@ -108,7 +109,7 @@ class Compare(TaskKind):
                           "params": sum(p.numel() for p in model.parameters()),
                           "final_train_loss": state.history[-1]["loss"] if state.history else None}
         ref = next(iter(built))
-        comps = evaluate.holm([evaluate.compare(n, ref, at, h, hits[ref][at]) for n, hs in hits.items() if n != ref
+        comps = stats.holm([stats.compare(n, ref, at, h, hits[ref][at]) for n, hs in hits.items() if n != ref
                                for at, h in hs.items() if at in hits[ref]])
         extra = {"reference": ref, "reference_full_mflops": ref_full / 1e6, "methods": info,
                  "splits": {n: len(data.split(n)) for n in ("train", "val", "calib", "test")}}

@@ -30,6 +30,7 @@ from torch import nn
 
 from metadyn import datafree
 from metadyn.config import TaskConfig, spec
+from metadyn.core import evaluation, plots, stats
 from metadyn.core.backbones import attach_exits
 from metadyn.core.backbones.attach import auto_cut_points
 from metadyn.core.heads import ExitHead
@@ -232,14 +233,14 @@ class Datafree(TaskKind):
                                    head=_head(cfg))
                 if name != "untrained":
                     datafree.train_exits(net, s["transfer"][name], tau=cfg.exits.tau, **fit_kw)
-            e = evaluate.evaluate_exits(net, data, cfg.eval, name)
-            curve, budgets = evaluate.budget_sweep(e, data.test.y, cfg.eval.policy, name)
+            e = evaluation.evaluate_exits(net, data, name, **cfg.eval.options())
+            curve, budgets = evaluation.budget_sweep(e, data.test.y, cfg.eval.policy, name)
             out = {"rows": e.rows, "curve": curve, "budgets": budgets}
             # fully data-free: thresholds fitted on held-out impressions (its own prior's for impressions_bn)
             held = s["held"].get(name if name == "impressions_bn" else "impressions")
             if held is not None:
                 e_free = replace(e, val=collect_logits(net, held, cfg.eval.batch_size))
-                out["budgets_datafree"] = evaluate.budget_sweep(e_free, data.test.y, cfg.eval.policy, name)[1]
+                out["budgets_datafree"] = evaluation.budget_sweep(e_free, data.test.y, cfg.eval.policy, name)[1]
             return out
 
         runs = evaluate.sweep(conditions, cfg.seeds, convert)
@@ -250,7 +251,7 @@ class Datafree(TaskKind):
                  if set(p) <= set(conditions)]
         comps = evaluate.seed_pairs(runs, pairs, cfg.seeds, range(max(r["exit"] for r in rows)))
         free = evaluate.seed_rows(runs, conditions, cfg.seeds, "budgets_datafree", ("accuracy", "mflops"))
-        extra = {"teacher_test_accuracy": list(evaluate.mean_std([s["teacher_accuracy"] for s in per_seed.values()])),
+        extra = {"teacher_test_accuracy": list(stats.mean_std([s["teacher_accuracy"] for s in per_seed.values()])),
                  "budgets_datafree": free,
                  "exits_at": next(iter(per_seed.values()))["at"] if per_seed else [],
                  "prior": resolve_prior(imp.prior, next(iter(per_seed.values()))["teacher"]) if per_seed else None,
@@ -262,7 +263,7 @@ class Datafree(TaskKind):
         return Results(cfg.data.name, rows, curves, budgets, comps, extra)
 
     def plots(self, cfg, res, out):
-        report.plot_groups(out / "accuracy_vs_mflops.png", res.rows, res.curves, f"{cfg.task} (test, mean over seeds)",
+        plots.plot_groups(out / "accuracy_vs_mflops.png", res.rows, res.curves, f"{cfg.task} (test, mean over seeds)",
                     labels=_labels(cfg, res.extra.get("prior")))
         if self._example is not None:
             self._example.plot(out / "impressions.png")

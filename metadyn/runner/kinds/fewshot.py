@@ -20,6 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from metadyn.config import TaskConfig, checked_call, spec
+from metadyn.core import plots, stats
 from metadyn.core.flops import exit_costs
 from metadyn.core.policies import SCORES, budgeted_curve
 from metadyn.core.train import seed_everything
@@ -219,10 +220,10 @@ class FewShot(TaskKind):
             exits = range(max(r["exit"] for r in rows) + 1)
             comps = evaluate.seed_pairs(runs, [("exits", b) for b in cfg.eval.baselines], seeds, exits)
         else:
-            rows = [r for m in methods for r in (runs[m, seeds[0]] or {"rows": evaluate.aggregate([None], group=m)})[
+            rows = [r for m in methods for r in (runs[m, seeds[0]] or {"rows": stats.aggregate([None], group=m)})[
                 "rows"]]
             acc = {m: runs[m, seeds[0]]["episodes"] for m in methods if runs[m, seeds[0]]}
-            comps = evaluate.holm([evaluate.compare("exits", b, f"exit {i}", acc["exits"][:, i].tolist(),
+            comps = stats.holm([stats.compare("exits", b, f"exit {i}", acc["exits"][:, i].tolist(),
                                                     acc[b][:, i].tolist())
                                    for b in cfg.eval.baselines if "exits" in acc and b in acc
                                    for i in range(acc[b].shape[1])])
@@ -237,7 +238,7 @@ class FewShot(TaskKind):
         return Results(cfg.data.name, rows, curves, comparisons=comps, extra=extra)
 
     def plots(self, cfg, res, out):
-        report.plot_groups(out / "accuracy_vs_mflops.png", res.rows, res.curves, f"{cfg.task} (meta-test)",
+        plots.plot_groups(out / "accuracy_vs_mflops.png", res.rows, res.curves, f"{cfg.task} (meta-test)",
                     xlabel="MFLOPs per query (after adaptation)", ylabel="meta-test accuracy (%)")
 
     def sections(self, cfg, res):

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import torch
 
 from metadyn.config import TaskConfig, spec
+from metadyn.core import evaluation, plots
 from metadyn.core.train import seed_everything
 from metadyn.data import keep_labels
 from metadyn.errors import InputError, NonFiniteLossError
@@ -63,8 +64,8 @@ class LabelScarce(TaskKind):
                             ctx.device, ctx.out / "checkpoints" / f"labels{k}_seed{seed}_method{names.index(name)}.pt",
                             ctx.progress)
             except NonFiniteLossError:  # scored as it stands, counted in the mean, marked
-                return {"rows": evaluate.diverged_rows(model, data, cfg.eval, group)}
-            return {"rows": evaluate.evaluate_exits(model, data, cfg.eval, group).rows}
+                return {"rows": evaluation.diverged_rows(model, data, group, batch_size=cfg.eval.batch_size)}
+            return {"rows": evaluation.evaluate_exits(model, data, group, **cfg.eval.options()).rows}
 
         runs = evaluate.sweep(variants, cfg.seeds, train_one)
 
@@ -85,7 +86,7 @@ class LabelScarce(TaskKind):
         last = max(r["exit"] for r in res.rows)
         curves = [{"group": f"{r['method']} (exit {r['exit']})", "labels_per_class": r["labels_per_class"],
                    "accuracy": r["accuracy"]} for r in res.rows if r["exit"] in (0, last) and r["accuracy"] is not None]
-        report.plot_groups(out / "accuracy_vs_labels.png", [], curves, f"{cfg.task} (test, mean over seeds)",
+        plots.plot_groups(out / "accuracy_vs_labels.png", [], curves, f"{cfg.task} (test, mean over seeds)",
                     x="labels_per_class", xlabel="labels per class", logx=True)
 
     def sections(self, cfg, res):

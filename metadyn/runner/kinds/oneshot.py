@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 import torch
 
 from metadyn.config import TaskConfig, spec
+from metadyn.core import plots, stats
 from metadyn.core.flops import exit_costs
 from metadyn.core.policies import SCORES, budgeted_curve
 from metadyn.core.train import seed_everything
@@ -175,7 +176,7 @@ class OneShot(FewShot):
                 ok = [s for s in seeds if runs["exits", s] and runs[b, s]]
                 acc = {m: [[runs[m, s]["rows"][i]["accuracy"] for s in ok] for i in range(len(runs[m, ok[0]]["rows"]))]
                        for m in ("exits", b)} if ok else {"exits": []}
-                comps += [evaluate.compare("exits", b, f"exit {i}", a, acc[b][i]) for i, a in enumerate(acc["exits"])]
+                comps += [stats.compare("exits", b, f"exit {i}", a, acc[b][i]) for i, a in enumerate(acc["exits"])]
         extra = {"runs": names, "seeds": seeds,
                  "per_seed": {m: {s: (None if runs[m, s] is None else {k: runs[m, s][k] for k in
                                                                        ("run_accuracy", "history", "train_seconds")})
@@ -190,14 +191,14 @@ class OneShot(FewShot):
             extra["mhd"] = {"error": [100 * (1 - a) for a in mhd], "authors_error": list(authors.values()),
                             "max_abs_difference": max(diffs) if diffs else None}
             for m in per_run:
-                comps.append(evaluate.compare(m, "mhd", "final exit, per run", per_run[m][-1], mhd))
-        return Results("omniglot", rows, curves, comparisons=evaluate.holm(comps), extra=extra)
+                comps.append(stats.compare(m, "mhd", "final exit, per run", per_run[m][-1], mhd))
+        return Results("omniglot", rows, curves, comparisons=stats.holm(comps), extra=extra)
 
     def plots(self, cfg, res, out):
         def err(items):
             return [{**r, "accuracy": 1.0 - r["accuracy"]} for r in items if r.get("accuracy") is not None]
 
-        report.plot_groups(out / "error_vs_mflops.png", err(res.rows), err(res.curves),
+        plots.plot_groups(out / "error_vs_mflops.png", err(res.rows), err(res.curves),
                            f"{cfg.task}: one-shot runs", xlabel="MFLOPs per test image (after adaptation)",
                            ylabel="error (%)")
 

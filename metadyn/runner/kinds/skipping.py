@@ -22,13 +22,13 @@ from dataclasses import dataclass, field
 import torch
 
 from metadyn.config import TaskConfig, spec
-from metadyn.core import gating
+from metadyn.core import evaluation, gating, plots, stats
 from metadyn.core.calibration import ece
 from metadyn.core.flops import exit_costs
 from metadyn.core.inference import collect_logits
 from metadyn.core.train import save_checkpoint
 from metadyn.registry import TASK_KINDS
-from metadyn.runner import Context, Results, TaskKind, evaluate, report, specs
+from metadyn.runner import Context, Results, TaskKind, report, specs
 
 
 def _stage(**over) -> specs.FitSpec:
@@ -127,12 +127,12 @@ class _Gated(TaskKind):
             lg, y = collect_logits(backbone, data.split(name).x, cfg.eval.batch_size)[-1], data.split(name).y
             always.update({"val_accuracy": float((lg.argmax(-1) == y).double().mean())} if name == "val" else
                           {"accuracy": float((lg.argmax(-1) == y).double().mean()), "ece": ece(lg, y),
-                           "correct": evaluate.correct(lg, y)})
+                           "correct": evaluation.correct(lg, y)})
         points, nets, side, costs = self.sweep(cfg, data, backbone, gated, ctx)
         chosen = select_point(points, always["val_accuracy"], cfg.max_val_drop)
         save_checkpoint({"model": nets[points.index(chosen)].state_dict(), self.knob: chosen[self.knob]},
                         ctx.out / "checkpoint.pt")
-        comps = evaluate.holm([evaluate.compare("chosen", "always-on", "test", chosen["correct"], always["correct"])])
+        comps = stats.holm([stats.compare("chosen", "always-on", "test", chosen["correct"], always["correct"])])
         rows = [always, *points, *side]
         for r in rows:
             r.pop("correct", None)
@@ -144,8 +144,8 @@ class _Gated(TaskKind):
 
     def plots(self, cfg, res, out):
         c = res.extra["chosen"]
-        report.plot_groups(out / "accuracy_vs_mflops.png", res.rows, res.curves, f"{cfg.task} (test)")
-        report.plot_bars(out / "block_usage.png", c["block_usage"], "block", "samples running it (%)",
+        plots.plot_groups(out / "accuracy_vs_mflops.png", res.rows, res.curves, f"{cfg.task} (test)")
+        plots.plot_bars(out / "block_usage.png", c["block_usage"], "block", "samples running it (%)",
                   f"blocks run by the chosen network ({self.knob} = {c[self.knob]:g}, test)", start=1)
 
     def sections(self, cfg, res):

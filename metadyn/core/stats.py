@@ -1,0 +1,91 @@
+"""Means over seeds and the project's one significance rule.
+
+**The significance rule.** A difference between two groups is a paired mean over units that both saw —
+test samples when there is one training run, seeds when there are several, episodes in few-shot — with a
+two-sided paired t-test on the per-unit differences. The p-values of every comparison a report makes are
+adjusted together by Holm's step-down method (Holm, Scand. J. Statist. 1979), which controls the
+family-wise error rate; a difference is "better"/"worse" when its adjusted p < :data:`ALPHA`.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections.abc import Sequence
+
+ALPHA = 0.05
+
+
+def mean_std(values: Sequence[float | None]) -> tuple[float | None, float | None]:
+    """Mean and sample standard deviation of the values that are not None."""
+    vals = [v for v in values if v is not None]
+    if not vals:
+        return None, None
+    return statistics.fmean(vals), (statistics.stdev(vals) if len(vals) > 1 else 0.0)
+
+
+def aggregate(runs: Sequence[Sequence[dict] | None], keys: Sequence[str] = ("accuracy",),
+              group: str = "") -> list[dict]:
+    """Per-exit rows of several seeds -> one row per exit with the mean of each key over every run that has rows,
+    ``<key>_std``, ``n`` (runs that finished normally) and ``diverged`` (runs whose training diverged); other
+    keys from the first run that finished normally.
+
+    A diverged run is either ``None`` (nothing could be measured: it is left out of the mean) or a list of rows
+    marked ``diverged: True`` (scored as it stands, :func:`metadyn.core.evaluation.diverged_rows`: it counts in
+    the mean with what it scored, and ``diverged_in_mean`` says how many such runs the mean holds). So
+    ``n + diverged`` is the number of runs, and nothing is dropped silently. When no run has rows, one row of
+    ``group`` with no accuracy says so."""
+    done = [r for r in runs if r is not None]
+    if not done:
+        return [{"group": group, "exit": 0, "accuracy": None, "mflops": None, "n": 0, "diverged": len(runs)}]
+    scored = sum(1 for r in done if r and r[0].get("diverged"))
+    model_run = next((r for r in done if not (r and r[0].get("diverged"))), done[0])  # other keys: a finished run's
+    out = []
+    for i, first in enumerate(model_run):
+        row = {k: v for k, v in first.items() if k != "diverged"}
+        for k in keys:
+            row[k], row[f"{k}_std"] = mean_std([r[i][k] for r in done])
+        row["n"], row["diverged"] = len(done) - scored, len(runs) - len(done) + scored
+        if scored:
+            row["diverged_in_mean"] = scored
+        out.append(row)
+    return out
+
+
+def paired(diffs: Sequence[float]) -> dict:
+    """Mean of paired differences, its standard error and the two-sided paired t-test p-value
+    (``None`` with fewer than two pairs)."""
+    n = len(diffs)
+    m = statistics.fmean(diffs) if n else 0.0
+    if n < 2:
+        return {"difference": m, "se": None, "n": n, "p": None}
+    se = statistics.stdev(diffs) / math.sqrt(n)
+    if se == 0:
+        p = 1.0 if m == 0 else 0.0
+    else:
+        from scipy.stats import t as student_t
+
+        p = float(2 * student_t.sf(abs(m / se), n - 1))
+    return {"difference": m, "se": se, "n": n, "p": p}
+
+
+def compare(group: str, against: str, at: str, a: Sequence[float], b: Sequence[float]) -> dict:
+    """The paired difference ``a - b`` of two groups on the same units (samples, seeds or episodes)."""
+    return {"group": group, "against": against, "at": at, **paired([x - y for x, y in zip(a, b)])}
+
+
+def holm(comparisons: list[dict], alpha: float = ALPHA) -> list[dict]:
+    """Adjust every comparison's p-value together (Holm) and add ``p_holm`` and ``verdict``; returns the list."""
+    tested = sorted((c for c in comparisons if c["p"] is not None), key=lambda c: c["p"])
+    m, running = len(tested), 0.0
+    for j, c in enumerate(tested):
+        running = max(running, min(1.0, (m - j) * c["p"]))
+        c["p_holm"] = running
+    for c in comparisons:
+        if c["p"] is None:
+            c["p_holm"], c["verdict"] = None, "one unit: no test"
+        elif c["p_holm"] < alpha:
+            c["verdict"] = "better" if c["difference"] > 0 else "worse"
+        else:
+            c["verdict"] = "no significant difference"
+    return comparisons
