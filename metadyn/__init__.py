@@ -58,7 +58,7 @@ _API = {
     "metadyn.data.augment": ["random_shift"],
     "metadyn.meta.data": ["fewshot_pool"],
     # the research plugin: meta-learning, consistency, data-free conversion, detachable attention
-    "metadyn.meta": ["MetaLearner", "ProtoExits", "evaluate_episodes"],
+    "metadyn.meta": ["MetaLearner", "ProtoExits", "evaluate_episodes", "evaluate_runs"],
     "metadyn.consistency": ["ExitConsistency"],
     "metadyn.consistency.losses": ["consistency_method"],
     "metadyn.datafree": ["synthesize_impressions", "SynthesisSettings", "Impressions", "train_exits",

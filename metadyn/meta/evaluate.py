@@ -126,6 +126,22 @@ def evaluate_episodes(learner, sampler, episodes: int, start: int = 0, steps=Non
                          torch.cat(labels).cpu())
 
 
+def evaluate_runs(predictor, runs: Sequence, steps=None, device: torch.device | str | None = None) -> FewShotResult:
+    """Omniglot's one-shot test (Lake et al., Science 2015) for a multi-exit ``predictor``: on each run
+    (:class:`~metadyn.data.fewshot_folders.OneShotRun`) adapt on its training images (class ``i`` is training
+    image ``i``) and classify its test images. ``accuracy`` is ``(runs, exits)``: a run's error is
+    ``100 * (1 - accuracy)``, as the authors score it; ``logits`` hold every test image of every run."""
+    dev = predictor_device(predictor) if device is None else torch.device(device)
+    accs, logits = [], []
+    for run in runs:
+        sy = torch.arange(len(run.train_files), device=dev)
+        out = [z.cpu() for z in predictor.predict(run.train_x.to(dev), sy, run.test_x.to(dev), steps)]
+        accs.append(torch.stack([(z.argmax(-1) == run.test_y).double().mean() for z in out]))
+        logits.append(out)
+    return FewShotResult(torch.stack(accs), [torch.cat([lg[i] for lg in logits]) for i in range(len(logits[0]))],
+                         torch.cat([run.test_y for run in runs]))
+
+
 def anytime_costs(costs: ExitCosts, own_trunk: Sequence[bool]) -> list[float]:
     """Cumulative FLOPs of leaving at each exit after evaluating every earlier one.
 

@@ -75,3 +75,14 @@ def mhd_flops(train_ink: Sequence, test_ink: Sequence) -> float:
 def run_error(pred: Tensor, answers: Tensor) -> float:
     """A run's error in percent, as the authors score it: ``100 - 100 * correct / n_test``."""
     return 100.0 - 100.0 * float((pred == answers).sum()) / len(answers)
+
+
+def mhd_runs(runs: Sequence) -> dict:
+    """The MHD baseline on one-shot runs (:class:`~metadyn.data.fewshot_folders.OneShotRun`): ``error`` (% per
+    run), ``mflops`` (per test image, mean over runs), the authors' per-run figures (``authors_error``, None for
+    a run they do not list) and the largest absolute difference from them (``max_abs_difference``)."""
+    error = [run_error(mhd_predict(r.train_ink, r.test_ink), r.test_y) for r in runs]
+    authors = [LAKE_MHD_ERRORS.get(int(r.name[3:])) for r in runs]
+    diffs = [abs(e - a) for e, a in zip(error, authors) if a is not None]
+    return {"error": error, "mflops": sum(mhd_flops(r.train_ink, r.test_ink) for r in runs) / len(runs) / 1e6,
+            "authors_error": authors, "max_abs_difference": max(diffs) if diffs else None}

@@ -15,6 +15,7 @@ from metadyn.meta.hausdorff import (
     mhd_costs,
     mhd_flops,
     mhd_predict,
+    mhd_runs,
     modified_hausdorff,
     run_error,
 )
@@ -75,3 +76,6 @@ def test_real_run01_gives_the_authors_error():
 
     (run,) = omniglot_runs(str(REAL), runs=[1])
     assert run_error(mhd_predict(run.train_ink, run.test_ink), run.test_y) == LAKE_MHD_ERRORS[1]
+    m = mhd_runs([run])
+    assert m["error"] == [LAKE_MHD_ERRORS[1]] and m["authors_error"] == [LAKE_MHD_ERRORS[1]]
+    assert m["max_abs_difference"] == 0.0 and m["mflops"] == mhd_flops(run.train_ink, run.test_ink) / 1e6

@@ -29,8 +29,6 @@ import statistics
 import time
 from dataclasses import dataclass, field
 
-import torch
-
 from metadyn.config import TaskConfig, spec
 from metadyn.core import plots, stats
 from metadyn.core.flops import exit_costs
@@ -122,7 +120,7 @@ class OneShot(FewShot):
     def _train_one(self, method: str, seed: int, cfg, built: Built, ctx: Context) -> dict:
         """Meta-train ``method`` from ``seed``, then score every exit on meta-val episodes and on every run."""
         from metadyn.meta.data import oneshot_samplers
-        from metadyn.meta.evaluate import anytime_costs, evaluate_episodes
+        from metadyn.meta.evaluate import anytime_costs, evaluate_episodes, evaluate_runs
 
         d, ep, steps = cfg.data, cfg.episodes, cfg.meta.eval_inner_steps
         samplers = oneshot_samplers(built.chars, d.val_alphabets, ep.n_way, ep.k_shot, ep.n_query,
@@ -137,24 +135,17 @@ class OneShot(FewShot):
         seconds = time.perf_counter() - start
         net.eval()
         val = evaluate_episodes(predictor, samplers["val"], cfg.eval.val_episodes, steps=steps, device=ctx.device)
-        logits = []  # per run: one (20, 20) tensor per exit
-        for run in built.runs:
-            sy = torch.arange(len(run.train_files), device=ctx.device)
-            logits.append(predictor.predict(run.train_x.to(ctx.device), sy, run.test_x.to(ctx.device), steps))
-        k = len(logits[0])
-        acc = [[float((lg[i].argmax(-1).cpu() == run.test_y).double().mean()) for run, lg in zip(built.runs, logits)]
-               for i in range(k)]  # (exits, runs)
+        test = evaluate_runs(predictor, built.runs, steps, ctx.device)
+        acc, k = test.accuracy.T.tolist(), test.accuracy.shape[1]  # (exits, runs)
         costs = anytime_costs(exit_costs(net, built.in_shape), own)
-        test_logits = [torch.cat([lg[i].cpu() for lg in logits]) for i in range(k)]
-        test_y = torch.cat([run.test_y for run in built.runs])
         curve = [{"group": method, "mflops": c["mflops"], "accuracy": c["accuracy"], "p": c["p"]}
-                 for c in budgeted_curve(val.logits, test_logits, test_y, costs, cfg.eval.policy)]
+                 for c in budgeted_curve(val.logits, test.logits, test.labels, costs, cfg.eval.policy)]
         rows = [{"group": method, "exit": i, "accuracy": statistics.fmean(acc[i]), "mflops": costs[i] / 1e6,
                  "val_accuracy": float(val.accuracy[:, i].mean())} for i in range(k)]
         return {"rows": rows, "curve": curve, "run_accuracy": acc, "history": history, "train_seconds": seconds}
 
     def execute(self, cfg, built: Built, ctx: Context) -> Results:
-        from metadyn.meta.hausdorff import LAKE_MHD_ERRORS, mhd_flops, mhd_predict, run_error
+        from metadyn.meta.hausdorff import mhd_runs
 
         methods, seeds, names = cfg.eval.methods, cfg.seeds, [r.name for r in built.runs]
         runs = evaluate.sweep(methods, seeds, lambda m, s: self._train_one(m, s, cfg, built, ctx))
@@ -182,14 +173,10 @@ class OneShot(FewShot):
                                                                        ("run_accuracy", "history", "train_seconds")})
                                   for s in seeds} for m in methods}}
         if cfg.eval.mhd:
-            mhd = [1.0 - run_error(mhd_predict(r.train_ink, r.test_ink), r.test_y) / 100.0 for r in built.runs]
-            flops = statistics.fmean(mhd_flops(r.train_ink, r.test_ink) for r in built.runs)
-            rows.append({"group": "mhd", "exit": 0, "accuracy": statistics.fmean(mhd), "mflops": flops / 1e6,
+            extra["mhd"] = m = mhd_runs(built.runs)
+            mhd = [1.0 - e / 100.0 for e in m["error"]]
+            rows.append({"group": "mhd", "exit": 0, "accuracy": statistics.fmean(mhd), "mflops": m.pop("mflops"),
                          "run_accuracy": mhd, "run_std": statistics.stdev(mhd) if len(mhd) > 1 else 0.0})
-            authors = {n: LAKE_MHD_ERRORS.get(int(n[3:])) for n in names}
-            diffs = [abs(100 * (1 - a) - authors[n]) for n, a in zip(names, mhd) if authors[n] is not None]
-            extra["mhd"] = {"error": [100 * (1 - a) for a in mhd], "authors_error": list(authors.values()),
-                            "max_abs_difference": max(diffs) if diffs else None}
             for m in per_run:
                 comps.append(stats.compare(m, "mhd", "final exit, per run", per_run[m][-1], mhd))
         return Results("omniglot", rows, curves, comparisons=stats.holm(comps), extra=extra)
