@@ -9,5 +9,5 @@ from metadyn.meta.protonet import ProtoExits, prototype_logits
 from metadyn.meta.train import BestOnVal, StackedPredictor, episode_stream, meta_fit
 
 __all__ = ["ALGORITHMS", "BestOnVal", "ExitRunner", "FewShotResult", "MetaLearner", "ProtoExits", "StackedPredictor",
-           "anytime_costs", "episode_stream", "evaluate_episodes", "evaluate_runs", "fewshot_pool", "inner_loop", "mean_ci", "meta_fit",
-           "prototype_logits", "run_exits", "to_channels_last"]
+           "anytime_costs", "episode_stream", "evaluate_episodes", "evaluate_runs", "fewshot_pool", "inner_loop",
+           "mean_ci", "meta_fit", "prototype_logits", "run_exits", "to_channels_last"]
