@@ -108,8 +108,9 @@ def _dynamic_exit(model: MultiExitNet, x: Tensor, policy, micro_batch: int | Non
             logits = logits.float()  # scored in float32, as collect_logits' logits were when thresholds were fitted
         if out is None:
             out = logits.new_empty((b, logits.shape[1]))
-        if i == last:
-            out.index_copy_(0, idx, logits)
+        if i == last:  # a policy's finish (SCAN's ensemble fallback) decides the last exit's output
+            finish = getattr(policy, "finish", None)
+            out.index_copy_(0, idx, logits if finish is None else finish(i, logits, carry))
             break
         mask, carry = policy(i, logits, carry)
         n_leave = int(mask.sum())  # the one host sync of this exit

@@ -191,10 +191,10 @@ class EnsembleFallbackPolicy:
 
     The step (``mask, carry = policy(i, logits, carry)``) decides the early exits and carries the running
     sum of the logits seen; :meth:`finish` gives the final output of the samples that reach the last exit:
-    its own logits where ``thresholds[-1]`` is met, else the ensemble. :func:`pick_exits` applies it (every
-    exit computed, as in the released code); the exit index of an ensemble sample is the last exit (it has
-    computed every exit). :func:`~metadyn.core.inference.dynamic_exit` does not call :meth:`finish` yet: there
-    the samples reaching the last exit get its own logits, so evaluate this policy with :func:`pick_exits`.
+    its own logits where ``thresholds[-1]`` is met, else the ensemble. :func:`pick_exits` (every exit computed,
+    as in the released code) and :func:`~metadyn.core.inference.dynamic_exit` (only the samples still in the
+    batch reach a later exit) both apply it; the exit index of an ensemble sample is the last exit (it has
+    computed every exit).
 
     Args:
         thresholds: one per exit, the last one included (``-inf`` there: never the ensemble).

@@ -35,6 +35,23 @@ def test_dynamic_equals_picking_from_full_forward(build, p):
     assert len(torch.unique(dyn.exit_idx)) > 1  # the test exercises real exits
 
 
+def test_dynamic_applies_scans_ensemble_fallback_like_picking():
+    from metadyn.core.policies import EnsembleFallbackPolicy
+
+    m = _trained_like(tiny_resnet_exits)
+    x = torch.randn(300, 1, 8, 8, dtype=torch.float64)
+    with torch.no_grad():
+        conf = torch.stack([lg.softmax(-1).amax(-1) for lg in m(x).logits])  # (K, B)
+    pol = EnsembleFallbackPolicy(conf.quantile(0.7, dim=1).tolist())  # 30% leave at each exit if reached
+    ref, dyn = simulated_exit(m, x, pol), dynamic_exit(m, x, pol)
+    assert torch.equal(dyn.exit_idx, ref.exit_idx)
+    assert torch.allclose(dyn.logits, ref.logits, rtol=0, atol=1e-12)
+    with torch.no_grad():
+        final = m(x).logits[-1]
+    fell_back = (ref.exit_idx == m.num_exits - 1) & ~torch.isclose(ref.logits, final).all(-1)
+    assert 0 < int(fell_back.sum()) and len(torch.unique(dyn.exit_idx)) > 1  # both cases occur
+
+
 def test_dynamic_with_carry_policy_and_everyone_leaving():
     m = _trained_like(tiny_resnet_exits)
     x = torch.randn(50, 1, 8, 8, dtype=torch.float64)
