@@ -14,7 +14,9 @@ precision (:func:`collect_logits` reads the same default).
 
 from __future__ import annotations
 
+import contextlib
 import copy
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -82,12 +84,18 @@ def dynamic_exit(model: MultiExitNet, x: Tensor, policy, micro_batch: int | None
     """
     check_policy(policy, model.num_exits)
     x = x.to(module_device(model))
+    with eval_mode(model), autocast(x.device, precision):
+        return _dynamic_exit(model, x, policy, micro_batch)
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """Switch the submodules of ``model`` that are in train mode to eval for the block, and back after it."""
     training = [m for m in model.modules() if m.training]
     for m in training:
         m.training = False
     try:
-        with autocast(x.device, precision):
-            return _dynamic_exit(model, x, policy, micro_batch)
+        yield model
     finally:
         for m in training:
             m.training = True
@@ -130,9 +138,10 @@ def _dynamic_exit(model: MultiExitNet, x: Tensor, policy, micro_batch: int | Non
 
 @torch.no_grad()
 def simulated_exit(model: MultiExitNet, x: Tensor, policy, precision: str | None = None) -> ExitResult:
-    """The reference codes' early exit: compute every exit for every sample, then pick one (on the model's device)."""
+    """The reference codes' early exit: compute every exit for every sample, then pick one (on the model's device;
+    in eval mode for the call, as :func:`dynamic_exit`)."""
     x = x.to(module_device(model))
-    with autocast(x.device, precision):
+    with eval_mode(model), autocast(x.device, precision):
         logits = [lg.float() if lg.dtype in (torch.bfloat16, torch.float16) else lg for lg in model(x).logits]
         exit_idx, chosen = pick_exits(logits, policy)
     return ExitResult(chosen, exit_idx)

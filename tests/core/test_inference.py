@@ -52,6 +52,17 @@ def test_dynamic_applies_scans_ensemble_fallback_like_picking():
     assert 0 < int(fell_back.sum()) and len(torch.unique(dyn.exit_idx)) > 1  # both cases occur
 
 
+def test_simulated_exit_runs_in_eval_mode_and_restores_train_mode():
+    m = _trained_like(tiny_resnet_exits).train()
+    before = copy.deepcopy(m.state_dict())
+    x = torch.randn(40, 1, 8, 8, dtype=torch.float64)
+    pol = ThresholdPolicy([0.6, 0.6, 0.0])
+    sim = simulated_exit(m, x, pol)
+    assert m.training and all(torch.equal(v, before[k]) for k, v in m.state_dict().items())  # BN stats untouched
+    dyn = dynamic_exit(m, x, pol)
+    assert torch.equal(sim.exit_idx, dyn.exit_idx) and torch.allclose(sim.logits, dyn.logits, rtol=0, atol=1e-12)
+
+
 def test_dynamic_with_carry_policy_and_everyone_leaving():
     m = _trained_like(tiny_resnet_exits)
     x = torch.randn(50, 1, 8, 8, dtype=torch.float64)
