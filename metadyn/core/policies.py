@@ -75,21 +75,21 @@ def patience_step(pred: Tensor, prev_pred: Tensor | None, count: Tensor | None, 
 # --------------------------------------------------------------------------- policies (thin modules)
 
 
-def _numbers(values, name: str) -> tuple[float, ...]:
+def _numbers(values, name: str, owner: str = "ThresholdPolicy") -> tuple[float, ...]:
     """``values`` (a list, tuple or 1-d tensor of real numbers, none NaN) as a tuple of floats; a string (whose
     characters would read as one threshold each) or anything else is an InputError."""
     if isinstance(values, Tensor):
         values = values.detach().cpu().flatten().tolist()
     if isinstance(values, str | bytes) or not isinstance(values, Sequence):
-        raise InputError(f"ThresholdPolicy {name} must be a list of numbers, got {type(values).__name__}")
+        raise InputError(f"{owner} {name} must be a list of numbers, got {type(values).__name__}")
     out = []
     for v in values:
         if isinstance(v, Tensor) and v.numel() == 1:
             v = v.item()
         if isinstance(v, bool) or not isinstance(v, numbers.Real):
-            raise InputError(f"ThresholdPolicy {name} must be numbers, got {type(v).__name__} {str(v)[:40]!r}")
+            raise InputError(f"{owner} {name} must be numbers, got {type(v).__name__} {str(v)[:40]!r}")
         if math.isnan(v):  # e.g. thresholds fitted on the scores of NaN logits
-            raise InputError(f"ThresholdPolicy {name} must not be NaN (fitted on scores of non-finite logits?)")
+            raise InputError(f"{owner} {name} must not be NaN (fitted on scores of non-finite logits?)")
         out.append(float(v))
     return tuple(out)
 
@@ -99,6 +99,25 @@ def check_policy(policy, num_exits: int) -> None:
     check = getattr(policy, "check_exits", None)
     if check is not None:
         check(num_exits)
+
+
+def _check_thresholds(policy) -> None:
+    """Validate (and normalise to tuples of floats) a policy's ``thresholds`` and optional ``temperatures``."""
+    owner = type(policy).__name__
+    policy.thresholds = _numbers(policy.thresholds, "thresholds", owner)  # +-inf allowed: nobody / everybody leaves
+    if not policy.thresholds:
+        raise InputError(f"{owner} needs one threshold per exit, got none")
+    if policy.temperatures is not None:
+        policy.temperatures = _numbers(policy.temperatures, "temperatures", owner)
+        bad = [t for t in policy.temperatures if not (0 < t < math.inf)]
+        if bad:
+            raise InputError(f"{owner} temperatures must be positive and finite, got {bad[0]}")
+
+
+def _check_index(value, name: str, owner: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
+        raise InputError(f"{owner} {name} must be a whole number >= 0, got {str(value)[:40]!r}")
+    return int(value)
 
 
 @dataclass
@@ -119,20 +138,14 @@ class ThresholdPolicy:
     def __post_init__(self) -> None:
         if not isinstance(self.score, str) or self.score not in SCORES:
             raise InputError(f"unknown policy score {str(self.score)[:40]!r}; choose from: {', '.join(SCORES)}")
-        self.thresholds = _numbers(self.thresholds, "thresholds")  # +-inf allowed: nobody / everybody leaves
-        if not self.thresholds:
-            raise InputError("ThresholdPolicy needs one threshold per exit, got none")
-        if self.temperatures is not None:
-            self.temperatures = _numbers(self.temperatures, "temperatures")
-            bad = [t for t in self.temperatures if not (0 < t < math.inf)]
-            if bad:
-                raise InputError(f"ThresholdPolicy temperatures must be positive and finite, got {bad[0]}")
+        _check_thresholds(self)
 
     def check_exits(self, num_exits: int) -> None:
         """Refuse to run on a network with another number of exits than the policy has thresholds for."""
+        owner = type(self).__name__
         for name, values in (("thresholds", self.thresholds), ("temperatures", self.temperatures)):
             if values is not None and len(values) != num_exits:
-                raise InputError(f"ThresholdPolicy has {len(values)} {name} for a network with {num_exits} exits; "
+                raise InputError(f"{owner} has {len(values)} {name} for a network with {num_exits} exits; "
                                  "give one per exit")
 
     def scores(self, i: int, logits: Tensor) -> Tensor:
@@ -150,6 +163,9 @@ class PatiencePolicy:
 
     patience: int = 1
 
+    def __post_init__(self) -> None:
+        self.patience = _check_index(self.patience, "patience", "PatiencePolicy")
+
     def __call__(self, i: int, logits: Tensor, carry=None):
         pred = logits.argmax(-1)
         prev, count = carry if carry is not None else (None, None)
@@ -162,6 +178,14 @@ class BudgetPolicy:
     """Every sample leaves at one fixed exit: the deepest whose cost fits a per-sample budget."""
 
     exit_index: int
+
+    def __post_init__(self) -> None:
+        self.exit_index = _check_index(self.exit_index, "exit_index", "BudgetPolicy")
+
+    def check_exits(self, num_exits: int) -> None:
+        """Refuse an exit the network does not have (every sample would silently reach the last one)."""
+        if self.exit_index >= num_exits:
+            raise InputError(f"BudgetPolicy exit_index {self.exit_index} is beyond the network's {num_exits} exits")
 
     @classmethod
     def from_budget(cls, costs: Sequence[float], budget: float) -> BudgetPolicy:
@@ -208,6 +232,11 @@ class EnsembleFallbackPolicy:
 
     thresholds: Sequence[float]
     temperatures: Sequence[float] | None = None
+
+    def __post_init__(self) -> None:
+        _check_thresholds(self)
+
+    check_exits = ThresholdPolicy.check_exits
 
     def _confident(self, i: int, logits: Tensor) -> Tensor:
         t = 1.0 if self.temperatures is None else float(self.temperatures[i])

@@ -5,6 +5,7 @@ import torch
 
 from metadyn.core.policies import (
     BudgetPolicy,
+    EnsembleFallbackPolicy,
     PatiencePolicy,
     ThresholdPolicy,
     budget_exit_counts,
@@ -179,3 +180,27 @@ def test_ensemble_fallback_policy_equals_scans_inference_code():
     plain = pick_exits(logits, EnsembleFallbackPolicy(thresholds[:3] + [-math.inf]))
     ref = pick_exits(logits, ThresholdPolicy(thresholds[:3] + [-math.inf]))
     assert torch.equal(plain[0], ref[0]) and torch.equal(plain[1], ref[1])
+
+
+@pytest.mark.parametrize("make, match", [
+    (lambda: BudgetPolicy(-1), "exit_index must be a whole number"),
+    (lambda: BudgetPolicy(1.5), "exit_index must be a whole number"),
+    (lambda: BudgetPolicy(True), "exit_index must be a whole number"),
+    (lambda: PatiencePolicy("2"), "patience must be a whole number"),
+    (lambda: EnsembleFallbackPolicy("0.9"), "EnsembleFallbackPolicy thresholds must be a list"),
+    (lambda: EnsembleFallbackPolicy([0.9, float("nan")]), "must not be NaN"),
+    (lambda: EnsembleFallbackPolicy([]), "needs one threshold per exit"),
+    (lambda: EnsembleFallbackPolicy([0.9, 0.8], temperatures=[1.0, 0.0]), "temperatures must be positive"),
+])
+def test_every_policy_refuses_bad_arguments(make, match):
+    with pytest.raises(InputError, match=match):
+        make()
+
+
+def test_policies_refuse_a_network_with_other_exits():
+    logits = [torch.randn(10, 4) for _ in range(3)]
+    for pol, match in ((BudgetPolicy(3), "beyond the network's 3 exits"),
+                       (EnsembleFallbackPolicy([0.9, 0.9]), "EnsembleFallbackPolicy has 2 thresholds")):
+        with pytest.raises(InputError, match=match):
+            pick_exits(logits, pol)
+    assert pick_exits(logits, BudgetPolicy(1))[0].eq(1).all()  # a valid exit: every sample leaves there
