@@ -93,13 +93,13 @@ class ImpressionSpec:
     prior: str = spec("bn", choices=PRIORS)  # the feature prior of impressions_bn (metadyn.datafree.priors)
     holdout: int = spec(256, ge=0)  # held-out impressions fitting the fully data-free thresholds (0: that mode off)
     # tuned: synth as given (metadyn's defaults: tau 1, 100 steps at lr 0.1); paper: the released ZSKD recipe
-    # (tau 20, 1500 steps at lr 0.001, batches of 100) for each of those four synth keys left at its tuned default
+    # (tau 20, 1500 steps at lr 0.001, batches of 100, uniform init) for each of those synth keys left at its default
     preset: str = spec("tuned", choices=("tuned", "paper"))
     synth: datafree.SynthesisSettings = field(default_factory=datafree.SynthesisSettings)
 
     def settings(self) -> datafree.SynthesisSettings:
-        """The synthesis settings this spec stands for: with ``preset: paper``, each of ``tau``, ``steps``, ``lr``
-        and ``batch_size`` that ``synth`` leaves at metadyn's tuned default takes the released code's value (so
+        """The synthesis settings this spec stands for: with ``preset: paper``, each of ``tau``, ``steps``, ``lr``,
+        ``batch_size`` and ``init`` that ``synth`` leaves at metadyn's default takes the released code's value (so
         ``--quick``'s fewer steps, or any value set to something else, are kept)."""
         if self.preset == "tuned":
             return self.synth
