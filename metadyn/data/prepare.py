@@ -16,11 +16,11 @@ from __future__ import annotations
 import filecmp
 import os
 import shutil
-import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from metadyn.core.files import atomic_file
 from metadyn.data.local import ENV, MissingDataError
 from metadyn.errors import InputError
 
@@ -130,15 +130,8 @@ def _copy(path: Path, dest: Path) -> str:
         if dest.is_file() and filecmp.cmp(path, dest, shallow=False):
             return "already there"
         raise InputError(f"metadyn data prepare: {str(dest)!r} exists with other contents; remove it to replace it")
-    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        shutil.copyfile(path, tmp)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, dest)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with atomic_file(dest) as out, open(path, "rb") as src:
+        shutil.copyfileobj(src, out)
     return "copied"
 
 
