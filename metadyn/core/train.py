@@ -25,6 +25,7 @@ import itertools
 import math
 import os
 import random
+import time
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -87,6 +88,13 @@ def seed_everything(seed: int) -> None:
 
 
 # --------------------------------------------------------------------------- checkpoints
+
+
+def training_seconds(history: Sequence[dict]) -> float | None:
+    """Wall seconds of a training from its history (every epoch's ``seconds``, resumed ones included: the history
+    is checkpointed); None when an epoch has no time recorded."""
+    times = [h.get("seconds") for h in history]
+    return None if not times or None in times else float(sum(times))
 
 
 def save_checkpoint(obj: dict, path: str | os.PathLike) -> None:
@@ -405,6 +413,7 @@ def fit(
         cb.on_train_start(state)
     start = state.epoch
     for epoch in range(start, epochs):
+        began = time.perf_counter()
         state.epoch = epoch
         # dropout/augmentation, reproducible on resume; another stream on every rank
         torch.manual_seed(_torch_seed(seed * 100_003 + epoch + 1_000_003 * rank))
@@ -460,6 +469,7 @@ def fit(
                               "lr": opt.param_groups[0]["lr"]})
         for cb in callbacks:
             cb.on_epoch_end(state)
+        state.history[-1]["seconds"] = time.perf_counter() - began  # wall time of the epoch, its callbacks included
         state.epoch = epoch + 1
         if checkpoint is not None:
             save_checkpoint({"model": model.state_dict(), "optimizer": opt.state_dict(),

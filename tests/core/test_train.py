@@ -194,3 +194,16 @@ def test_losses_and_callbacks_do_not_import_the_training_loop():
             "print('metadyn.core.train' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
     assert out == "False"
+
+
+def test_history_records_each_epochs_wall_time_across_a_resume(tmp_path):
+    from metadyn.core.train import training_seconds
+
+    torch.manual_seed(0)
+    x, y = torch.randn(64, 1, 8, 8), torch.arange(64) % 5
+    ck = tmp_path / "ck.pt"
+    fit(tiny_mlp_exits((1, 8, 8), 5), (x, y), epochs=2, batch_size=16, checkpoint=ck, progress=False)
+    state = fit(tiny_mlp_exits((1, 8, 8), 5), (x, y), epochs=3, batch_size=16, checkpoint=ck, progress=False)
+    assert [h["epoch"] for h in state.history] == [1, 2, 3] and all(h["seconds"] > 0 for h in state.history)
+    assert training_seconds(state.history) == pytest.approx(sum(h["seconds"] for h in state.history))
+    assert training_seconds([{"epoch": 1}]) is None and training_seconds([]) is None

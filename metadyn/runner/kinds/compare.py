@@ -10,7 +10,6 @@ NeurIPS 2019). Every method is compared with the reference on the same test samp
 from __future__ import annotations
 
 import re
-import time
 from dataclasses import dataclass, field
 
 import torch
@@ -18,7 +17,7 @@ import torch
 from metadyn.config import TaskConfig, spec
 from metadyn.core import evaluation, stats
 from metadyn.core.policies import ThresholdPolicy, evaluate_policy, ga_thresholds, pick_exits, policy_scores
-from metadyn.core.train import seed_everything
+from metadyn.core.train import seed_everything, training_seconds
 from metadyn.errors import InputError
 from metadyn.registry import TASK_KINDS
 from metadyn.runner import Context, Results, TaskKind, report, specs
@@ -83,10 +82,8 @@ class Compare(TaskKind):
         ref_full = None
         for name, (model, loss) in built.items():
             seed_everything(cfg.seed)
-            t0 = time.perf_counter()
             state = specs.train(model, loss, data.train, cfg.train, cfg.seed, ctx.device,
                                 ctx.out / name / "checkpoint.pt", ctx.progress)
-            seconds = time.perf_counter() - t0
             e = evaluation.evaluate_exits(model, data, name, **cfg.eval.options())
             ref_full = ref_full or e.costs.full
             curve, geo = evaluation.budget_sweep(e, y, score, name, full=ref_full)
@@ -105,7 +102,8 @@ class Compare(TaskKind):
                     b["thresholds"], score))[1], y) for b in geo if b["thresholds"] is not None}
             m = cfg.methods[name].model or cfg.model
             info[name] = {"method": cfg.methods[name].method, "method_options": cfg.methods[name].method_options,
-                          "backbone": m.backbone, "full_mflops": e.costs.full / 1e6, "train_seconds": seconds,
+                          "backbone": m.backbone, "full_mflops": e.costs.full / 1e6,
+                          "train_seconds": training_seconds(state.history),
                           "params": sum(p.numel() for p in model.parameters()),
                           "final_train_loss": state.history[-1]["loss"] if state.history else None}
         ref = next(iter(built))
