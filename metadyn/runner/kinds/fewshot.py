@@ -97,7 +97,6 @@ def make_consistency(net, in_shape, options: dict):
     return checked_call(consistency_method, options, "meta.consistency", model=net, in_shape=in_shape)
 
 
-
 def model_factories(cfg, in_shape):
     """``make_net()`` (the task's multi-exit network for ``n_way`` classes) and ``make_learner(net, **over)``
     (a :class:`MetaLearner` with the task's ``meta`` options, ``over`` replacing some), checked once here: the
@@ -117,6 +116,7 @@ def model_factories(cfg, in_shape):
 
     make_learner(make_net())
     return make_net, make_learner
+
 
 @TASK_KINDS.register("fewshot")
 class FewShot(TaskKind):
