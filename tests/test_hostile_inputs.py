@@ -285,6 +285,11 @@ def test_one_way_episodes_are_refused():
     ("conv4", {"width": 0}, "conv4 width must be a positive integer"),
     ("mlp", {"hidden": []}, "mlp hidden must be a non-empty list"),
     ("mlp", {"hidden": [8, 0]}, "mlp hidden width must be a positive integer"),
+    ("msdnet", {"channels": 0}, "channels 0"),
+    ("msdnet", {"growth": -1}, "growth -1"),
+    ("msdnet", {"head_channels": 0}, "head_channels 0"),
+    ("msdnet", {"gr_factor": [1, -2, 4]}, "gr_factor"),
+    ("msdnet", {"reduction": 0.01, "channels": 4, "growth": 2}, "leaves no channel"),
 ])
 def test_backbone_options_are_validated(backbone, options, message):
     from metadyn.registry import BACKBONES

@@ -146,6 +146,12 @@ class MSDNet(MultiExitNet):
         gr, bnf, n = list(gr_factor), list(bn_factor), len(gr_factor)
         if n < 1 or len(bnf) != n:
             raise InputError(f"msdnet gr_factor and bn_factor need one entry per scale, got {gr} and {bnf}")
+        small = {k: v for k, v in (("channels", channels), ("growth", growth), ("head_channels", head_channels))
+                 if not isinstance(v, int) or v < 1}
+        if small or any(not isinstance(f, int) or f < 1 for f in gr + bnf):
+            bad = ", ".join(f"{k} {v!r}" for k, v in small.items()) or f"gr_factor {gr}, bn_factor {bnf}"
+            raise InputError(f"msdnet channels, growth, head_channels and every gr_factor / bn_factor entry must be "
+                             f"integers of at least 1, got {bad}")
         if any(growth * g % 2 for g in gr[1:]):
             raise InputError(f"msdnet growth * gr_factor must be even on all scales but the first, got growth {growth}")
         if not 0.0 <= reduction <= 1.0:
@@ -174,6 +180,9 @@ class MSDNet(MultiExitNet):
                 c_in += growth
                 if in_scales > out_scales and reduction > 0:
                     c_out = math.floor(reduction * c_in)
+                    if c_out < 1:
+                        raise InputError(f"msdnet reduction {reduction} leaves no channel after a transition "
+                                         f"({c_in} channels in); use a larger reduction or 0 (no transitions)")
                     mods.append(Transition(c_in, c_out, range(n - out_scales, n), gr))
                     c_in = c_out
             blocks.append(nn.Sequential(*mods))
