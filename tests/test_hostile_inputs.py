@@ -12,6 +12,7 @@ import pytest
 import torch
 from torch import nn
 
+import metadyn as md
 from metadyn.config import MAX_TASK_BYTES, load_task, parse_override
 from metadyn.core.backbones.resnet import tiny_resnet_exits
 from metadyn.core.inference import dynamic_exit, simulated_exit
@@ -305,3 +306,30 @@ def test_any_integer_seed_trains():
     seed_everything(2**70)  # "Overflow when unpacking long long" before (kinds' seed lists have no upper bound)
     fit(tiny_mlp_exits(), (torch.randn(8, 1, 8, 8), torch.randint(0, 10, (8,))), epochs=1, seed=2**70,
         device="cpu", progress=False)
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda lg, y: md.ece(lg, y + 10), "labels must lie in 0..9"),
+    (lambda lg, y: md.ece(lg, y, n_bins=0), "n_bins must be a positive integer"),
+    (lambda lg, y: md.ece(lg[:0], y[:0]), "no samples"),
+    (lambda lg, y: md.fit_temperatures([lg], y[:10]), r"labels must be \(50,\)"),
+    (lambda lg, y: md.fit_temperatures([lg], y.float()), "integer class indices"),
+    (lambda lg, y: md.anytime_accuracy([lg], y - 1), "labels must lie in 0..9"),
+    (lambda lg, y: md.budgeted_curve([lg, lg], [lg, lg], y + 1, [1.0, 2.0]), "labels must lie in 0..9"),
+    (lambda lg, y: md.policy_for_budget([lg, lg], [1.0, 2.0], float("nan")), "finite number"),
+    (lambda lg, y: md.policy_for_budget([lg, lg, lg], [1.0, 2.0], 1.5), "3 finite cumulative costs"),
+    (lambda lg, y: md.policy_for_budget([lg, lg], [2.0, 1.0], 1.5), "non-decreasing"),
+    (lambda lg, y: md.policy_for_budget([lg[:0], lg[:0]], [1.0, 2.0], 1.5), "validation logits are empty"),
+    (lambda lg, y: md.keep_labels(y, -1, 0), "per_class must be an integer of at least 0"),
+])
+def test_evaluation_helpers_refuse_labels_and_budgets_that_would_give_a_silent_number(call, message):
+    """Each of these returned a number before (labels out of range counted as errors, n_bins=0 meant one bin, a
+    NaN budget gave thresholds, keep_labels(-1) kept all but one label per class)."""
+    lg, y = torch.randn(50, 10), torch.randint(0, 10, (50,))
+    with pytest.raises(InputError, match=message):
+        call(lg, y)
+
+
+def test_mean_std_of_a_nan_is_nan_not_a_crash():
+    m, s = md.mean_std([float("nan"), 1.0])
+    assert m != m and s != s

@@ -13,6 +13,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from metadyn.core.outputs import check_labels
+from metadyn.errors import InputError
+
 
 def fit_temperature(logits: Tensor, labels: Tensor, max_iter: int = 100, bounds: tuple[float, float] = (0.02, 50.0)
                     ) -> float:
@@ -21,6 +24,9 @@ def fit_temperature(logits: Tensor, labels: Tensor, max_iter: int = 100, bounds:
     Fit on a calibration split of its own, never the test split. When that split holds no error, the
     NLL keeps falling as ``T -> 0``; the result is clipped to ``bounds``.
     """
+    check_labels(logits, labels, "fit_temperature")
+    if logits.shape[0] == 0:
+        raise InputError("fit_temperature: the calibration split is empty")
     logits = logits.detach().double().cpu()
     labels = labels.detach().cpu()
     log_t = torch.zeros(1, dtype=torch.float64, requires_grad=True)
@@ -46,6 +52,11 @@ def fit_temperatures(logits: Sequence[Tensor], labels: Tensor) -> list[float]:
 
 def reliability(logits: Tensor, labels: Tensor, n_bins: int = 15) -> dict[str, list[float]]:
     """Reliability-diagram data: per equal-width confidence bin, mean confidence, accuracy and count."""
+    check_labels(logits, labels, "reliability")
+    if logits.shape[0] == 0:
+        raise InputError("reliability / ece: no samples")
+    if isinstance(n_bins, bool) or not isinstance(n_bins, int) or n_bins < 1:
+        raise InputError(f"reliability / ece: n_bins must be a positive integer, got {n_bins!r}")
     probs = logits.detach().float().softmax(-1)
     conf, pred = probs.max(-1)
     correct = (pred == labels).float()

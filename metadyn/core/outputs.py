@@ -4,7 +4,26 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 from torch import Tensor
+
+from metadyn.errors import InputError
+
+
+def check_labels(logits: Tensor, labels: Tensor, fn: str) -> None:
+    """Refuse ``labels`` that cannot be the classes of ``logits`` (``(N, C)``): another number of samples, not
+    integers, or a class outside ``0..C-1`` (compared with ``argmax``, such a label would silently count as an
+    error)."""
+    n, c = (logits.shape[0], logits.shape[-1]) if logits.dim() == 2 else (None, None)
+    if n is None:
+        raise InputError(f"{fn}: logits must be (N, C), got shape {tuple(logits.shape)}")
+    if labels.shape != (n,):
+        raise InputError(f"{fn}: labels must be ({n},) for {n} samples, got shape {tuple(labels.shape)}")
+    if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
+        raise InputError(f"{fn}: labels must be integer class indices, got {labels.dtype}")
+    if n and (int(labels.min()) < 0 or int(labels.max()) >= c):
+        raise InputError(f"{fn}: labels must lie in 0..{c - 1} (the logits' classes), got "
+                         f"{int(labels.min())}..{int(labels.max())}")
 
 
 @dataclass

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from metadyn.core.outputs import check_labels
 from metadyn.errors import InputError
 from metadyn.registry import POLICIES
 
@@ -287,6 +288,8 @@ def pick_exits(logits: Sequence[Tensor], policy) -> tuple[Tensor, Tensor]:
 
 def anytime_accuracy(logits: Sequence[Tensor], y: Tensor) -> list[float]:
     """Accuracy of every exit on its own (anytime prediction)."""
+    for lg in logits:
+        check_labels(lg, y, "anytime_accuracy")
     return [float((lg.argmax(-1) == y).float().mean()) for lg in logits]
 
 
@@ -366,6 +369,14 @@ def fit_thresholds_for_budget(scores: Tensor, costs: Sequence[float], budget: fl
     scores = scores.detach().double().cpu()
     costs_t = torch.as_tensor(costs, dtype=torch.float64)
     n = scores.shape[1]
+    if isinstance(budget, bool) or not isinstance(budget, numbers.Real) or not math.isfinite(budget):
+        raise InputError(f"the FLOP budget must be a finite number, got {budget!r}")
+    if costs_t.shape != (scores.shape[0],) or not bool(torch.isfinite(costs_t).all()) \
+            or bool((costs_t.diff() < 0).any()):
+        raise InputError(f"costs must be {scores.shape[0]} finite cumulative costs, one per exit and non-decreasing, "
+                         f"got {costs_t.tolist()}")
+    if n == 0:
+        raise InputError("thresholds for a budget need validation samples; the validation logits are empty")
 
     def cost(logp: float) -> tuple[float, Tensor]:
         t = fit_thresholds(scores, geometric_fractions(math.exp(logp), scores.shape[0]))
@@ -421,6 +432,9 @@ def evaluate_policy(logits: Sequence[Tensor], y: Tensor, policy, costs: Sequence
     from metadyn.core.flops import expected_cost
 
     exit_idx, chosen = pick_exits(logits, policy)
+    check_labels(chosen, y, "evaluate_policy")
+    if len(costs) != len(logits):
+        raise InputError(f"evaluate_policy: {len(costs)} costs for {len(logits)} exits")
     counts = torch.bincount(exit_idx, minlength=len(logits)).double()
     return {
         "mflops": expected_cost(exit_idx, costs) / 1e6,

@@ -21,6 +21,8 @@ def mean_std(values: Sequence[float | None]) -> tuple[float | None, float | None
     vals = [v for v in values if v is not None]
     if not vals:
         return None, None
+    if any(math.isnan(v) for v in vals):  # statistics.stdev raises on NaN; a NaN spreads like any other
+        return math.nan, math.nan
     return statistics.fmean(vals), (statistics.stdev(vals) if len(vals) > 1 else 0.0)
 
 

@@ -8,6 +8,7 @@ and ``test`` (final evaluation only).
 from __future__ import annotations
 
 import inspect
+import numbers
 from dataclasses import dataclass
 
 import numpy as np
@@ -214,6 +215,8 @@ def load_classification(
 
 def keep_labels(y: Tensor, per_class: int, seed: int) -> Tensor:
     """A copy of ``y`` where all but ``per_class`` samples of each class (seeded choice) are ``-1``."""
+    if isinstance(per_class, bool) or not isinstance(per_class, numbers.Integral) or per_class < 0:
+        raise InputError(f"keep_labels: per_class must be an integer of at least 0, got {per_class!r}")
     g = torch.Generator().manual_seed(seed)
     out = torch.full_like(y, -1)
     for c in torch.unique(y).tolist():
