@@ -333,3 +333,34 @@ def test_evaluation_helpers_refuse_labels_and_budgets_that_would_give_a_silent_n
 def test_mean_std_of_a_nan_is_nan_not_a_crash():
     m, s = md.mean_std([float("nan"), 1.0])
     assert m != m and s != s
+
+
+def _teacher():
+    torch.manual_seed(0)
+    return md.static_cnn((1, 8, 8), 10, [4, 4], 1).eval()
+
+
+_CONVERT = dict(example_input=torch.rand(1, 1, 8, 8), exits=1, num_impressions=8,
+                synthesis=md.SynthesisSettings(steps=1), epochs=1)
+
+
+@pytest.mark.parametrize("call, message", [
+    # convert: a NaN budget gave a report row without thresholds; three means for a 1-channel teacher a torch error
+    (lambda: md.convert(_teacher(), budgets=(float("nan"),), **_CONVERT), "budgets must be positive"),
+    (lambda: md.convert(_teacher(), budgets=(0.5, 0.0), **_CONVERT), "budgets must be positive"),
+    (lambda: md.convert(_teacher(), budgets=0.5, **_CONVERT), "budgets must be positive"),
+    (lambda: md.convert(_teacher(), mean=[0.5] * 3, std=[0.2] * 3, **_CONVERT), "need 1 or 1 values"),
+    # thresholds: iters=0 returned thresholds that ignore the budget; a NaN budget in the GA a TypeError
+    (lambda: fit_thresholds_for_budget(torch.rand(3, 20), [1.0, 2.0, 3.0], 2.0, iters=0), "iters >= 1"),
+    (lambda: md.ga_thresholds(torch.rand(3, 20), torch.rand(3, 20) > 0.5, [1.0, 2.0, 3.0], float("nan")),
+     "finite number"),
+    # fewer temperatures than exits: an IndexError deep in scoring
+    (lambda: md.policy_scores([torch.randn(4, 3)] * 2, temperatures=[1.0]), "1 temperatures for a network with 2"),
+    # a temperature of 0 gave a NaN loss; a NaN consistency weight or a 0-wide projector built a network
+    (lambda: md.kd_loss(torch.randn(4, 3), torch.randn(4, 3), tau=0.0), "positive, finite temperature"),
+    (lambda: md.ExitConsistency([8, 8], weight=float("nan")), "weight must be a finite number"),
+    (lambda: md.ExitConsistency([8, 8], hidden=0), "hidden width"),
+])
+def test_library_calls_refuse_arguments_that_gave_a_silent_number(call, message):
+    with pytest.raises(InputError, match=message):
+        call()

@@ -21,6 +21,8 @@ exits through the final exit's representation.
 
 from __future__ import annotations
 
+import math
+import numbers
 from collections.abc import Sequence
 
 import torch
@@ -75,6 +77,10 @@ class ExitConsistency(nn.Module):
             raise InputError(f"unknown consistency kind {kind!r}; choose from: {', '.join(KINDS)}")
         if len(feature_dims) < 2:
             raise InputError("consistency needs at least two exits")
+        if isinstance(weight, bool) or not isinstance(weight, numbers.Real) or not 0 <= weight < math.inf:
+            raise InputError(f"consistency weight must be a finite number >= 0, got {weight!r}")
+        if isinstance(hidden, bool) or not isinstance(hidden, numbers.Integral) or hidden < 1:
+            raise InputError(f"consistency hidden width must be a whole number >= 1, got {hidden!r}")
         self.kind, self.weight, self.ce_weights = kind, float(weight), ce_weights
         self.views = 2 if kind == "simsiam" else 1
         d_final = int(feature_dims[-1])

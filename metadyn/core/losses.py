@@ -8,6 +8,8 @@ such a callable.
 
 from __future__ import annotations
 
+import math
+import numbers
 from collections.abc import Sequence
 from typing import Any
 
@@ -64,6 +66,8 @@ def kd_loss(student: Tensor, teacher: Tensor, tau: float = 1.0) -> Tensor:
     References:
         Hinton et al., "Distilling the Knowledge in a Neural Network", 2015, Sec. 2.
     """
+    if isinstance(tau, numbers.Real) and not 0 < tau < math.inf:
+        raise InputError(f"kd_loss needs a positive, finite temperature, got {tau!r}")
     log_p_s = F.log_softmax(student / tau, dim=-1)
     log_p_t = F.log_softmax(teacher.detach() / tau, dim=-1)
     return tau * tau * F.kl_div(log_p_s, log_p_t, reduction="batchmean", log_target=True)

@@ -356,6 +356,11 @@ def budget_exit_counts(scores: Tensor, thresholds: Tensor) -> Tensor:
     return torch.bincount(first, minlength=k)
 
 
+def _check_budget(budget) -> None:
+    if isinstance(budget, bool) or not isinstance(budget, numbers.Real) or not math.isfinite(budget):
+        raise InputError(f"the FLOP budget must be a finite number, got {budget!r}")
+
+
 def fit_thresholds_for_budget(scores: Tensor, costs: Sequence[float], budget: float, iters: int = 60) -> Tensor:
     """Thresholds of MSDNet's geometric family whose expected cost on ``scores`` is at most ``budget``.
 
@@ -369,8 +374,9 @@ def fit_thresholds_for_budget(scores: Tensor, costs: Sequence[float], budget: fl
     scores = scores.detach().double().cpu()
     costs_t = torch.as_tensor(costs, dtype=torch.float64)
     n = scores.shape[1]
-    if isinstance(budget, bool) or not isinstance(budget, numbers.Real) or not math.isfinite(budget):
-        raise InputError(f"the FLOP budget must be a finite number, got {budget!r}")
+    _check_budget(budget)
+    if isinstance(iters, bool) or not isinstance(iters, numbers.Integral) or iters < 1:
+        raise InputError(f"fit_thresholds_for_budget needs iters >= 1 bisection steps, got {iters!r}")
     if costs_t.shape != (scores.shape[0],) or not bool(torch.isfinite(costs_t).all()) \
             or bool((costs_t.diff() < 0).any()):
         raise InputError(f"costs must be {scores.shape[0]} finite cumulative costs, one per exit and non-decreasing, "
@@ -424,6 +430,7 @@ def policy_scores(logits: Sequence[Tensor], score: str = "confidence",
                   temperatures: Sequence[float] | None = None) -> Tensor:
     """``(K, N)`` exit scores of every exit (after optional per-exit temperatures)."""
     probe = ThresholdPolicy([0.0] * len(logits), score, temperatures)
+    probe.check_exits(len(logits))
     return torch.stack([probe.scores(i, lg) for i, lg in enumerate(logits)])
 
 
@@ -534,6 +541,7 @@ def ga_thresholds(scores: Tensor, correct: Tensor, costs: Sequence[float], budge
     """
     k, n = scores.shape
     costs_t = torch.as_tensor(costs, dtype=torch.float64)
+    _check_budget(budget)
     if correct.shape != scores.shape or len(costs_t) != k:
         raise InputError(f"ga_thresholds: scores {tuple(scores.shape)}, correct {tuple(correct.shape)} and "
                          f"{len(costs_t)} costs do not match")

@@ -9,6 +9,8 @@ A smaller multi-exit student can instead be distilled from the teacher (:func:`d
 
 from __future__ import annotations
 
+import math
+import numbers
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -250,9 +252,13 @@ def convert(teacher: nn.Module, at: str | Sequence[str] = "auto", *, example_inp
         raise InputError(f"holdout must be a fraction in (0, 1), got {holdout!r}")
     if isinstance(num_impressions, bool) or not isinstance(num_impressions, int) or num_impressions < 2:
         raise InputError(f"num_impressions must be an integer of at least 2, got {num_impressions!r}")
+    if isinstance(budgets, str | bytes) or not isinstance(budgets, Sequence) or not budgets or any(
+            isinstance(f, bool) or not isinstance(f, numbers.Real) or not 0 < f < math.inf for f in budgets):
+        raise InputError(f"budgets must be positive, finite fractions of the teacher's FLOPs, got {budgets!r}")
     labelled = _labelled(data)
     space = InputSpace(input_range, mean, std)
     in_shape = tuple(example_input.shape[1:])
+    space.check_channels(in_shape[0])
     was_training = teacher.training
     teacher.eval()
     names = auto_cut_points(teacher, example_input, exits) if at == "auto" else at

@@ -226,6 +226,12 @@ class InputSpace:
                                  f"got mean={list(map(float, m))}, std={list(map(float, s))}")
             self.mean, self.std = m[None, :, None, None], s[None, :, None, None]
 
+    def check_channels(self, channels: int, names: str = "mean and std") -> None:
+        """Refuse a normalisation of another number of channels than the images have (1 value: every channel)."""
+        if self.mean is not None and len(self.mean.flatten()) not in (1, channels):
+            raise InputError(f"teacher input {names} need 1 or {channels} values (the inputs' channels), "
+                             f"got {len(self.mean.flatten())}")
+
     def to_teacher(self, x: Tensor) -> Tensor:
         """Data-range images -> the teacher's input space."""
         return x if self.mean is None else (x - self.mean.to(x)) / self.std.to(x)

@@ -158,8 +158,7 @@ def _at(cfg, teacher: nn.Module, example: torch.Tensor) -> list[str]:
 def _normalised(data, space: datafree.InputSpace):
     if space.mean is None:
         return data
-    if len(space.mean.flatten()) not in (1, data.in_shape[0]):
-        raise InputError(f"teacher.mean and teacher.std need 1 or {data.in_shape[0]} values (the data's channels)")
+    space.check_channels(data.in_shape[0], "teacher.mean and teacher.std")
     return replace(data, **{n: Split(space.to_teacher(data.split(n).x), data.split(n).y)
                             for n in ("train", "val", "calib", "test")})
 
