@@ -66,8 +66,9 @@ def comparison_lines(comparisons: Sequence[dict], unit: str) -> str:
     """The paired differences as sentences, with the rule that decided them."""
     if not comparisons:
         return "(no comparisons in this run)"
-    lines = [f"Paired differences over {unit}; two-sided paired t-test, p-values adjusted together by Holm's "
-             f"method over the {len(comparisons)} comparisons below; significant at adjusted p < 0.05.", ""]
+    lines = [f"Paired differences over {unit}; two-sided paired t-test (the exact sign-flip test where every "
+             f"unit shows the same difference), p-values adjusted together by Holm's method over the "
+             f"{len(comparisons)} comparisons below; significant at adjusted p < 0.05.", ""]
     for c in comparisons:
         se = "" if c["se"] is None else f" ± {100 * c['se']:.2f}"
         p = "" if c["p"] is None else f", p = {c['p']:.3g}, adjusted {c['p_holm']:.3g}"

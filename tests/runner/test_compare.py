@@ -1,4 +1,5 @@
 import json
+import statistics
 from pathlib import Path
 
 import pytest
@@ -7,7 +8,7 @@ import torch
 from metadyn.cli import main
 from metadyn.core.evaluation import ExitEval, budget_sweep
 from metadyn.core.flops import ExitCosts
-from metadyn.core.stats import holm, paired
+from metadyn.core.stats import compare, holm, paired
 from metadyn.runner.kinds.compare import GASpec, _ga_point
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -99,6 +100,24 @@ def test_thresholds_never_see_the_test_split():
     a = thresholds([torch.randn(70, c, generator=g) for _ in range(k)])
     b = thresholds([torch.randn(70, c, generator=g) * 5 for _ in range(k)])
     assert a == b
+
+
+def test_identical_paired_differences_get_the_exact_sign_flip_p_not_zero():
+    """Every unit the same non-zero difference (no spread): the t statistic is undefined and p was 0, so one
+    test image worse on each of 3 seeds was "worse" after Holm. Now the exact sign-flip p, checked by brute force."""
+    import itertools
+
+    for n in (2, 3, 6, 10):
+        d = [-0.01] * n
+        flips = [sum(s * x for s, x in zip(signs, d)) / n for signs in itertools.product((1, -1), repeat=n)]
+        brute = sum(abs(f) >= abs(-0.01) - 1e-15 for f in flips) / len(flips)
+        assert paired(d)["p"] == pytest.approx(brute) and paired(d)["se"] == 0.0
+    assert paired([-0.01] * 3)["p"] == 0.25
+    rounded = [0.1 - 0.2, 0.4 - 0.5, 0.7 - 0.8]  # the same difference, unequal in the last bits
+    assert 0 < statistics.stdev(rounded) < 1e-15 and paired(rounded)["p"] == 0.25  # the t-test said p ~ 1e-16
+    assert holm([compare("feature L2", "ce", "exit 1", [0.7701, 0.7654, 0.7002], [0.7702, 0.7655, 0.7003])
+                 ])[0]["verdict"] == "no significant difference"
+    assert paired([0.0, 0.0, 0.0])["p"] == 1.0
 
 
 def test_paired_test_and_holm_by_hand():
