@@ -20,7 +20,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor, fx, nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
@@ -72,7 +72,7 @@ def dynamic_exit(model: MultiExitNet, x: Tensor, policy, micro_batch: int | None
         model: a MultiExitNet. It runs in eval mode: submodules in train mode (BatchNorm would use the
             statistics of whatever samples are left and overwrite its running buffers) are switched to eval
             for the call and back after it, so the model is left as it was given.
-        x: input batch ``(B, ...)``, put on the model's device if it is elsewhere.
+        x: input batch ``(B, ...)``, put on the model's device (and in its dtype) if it is elsewhere.
         policy: a policy step ``(i, logits, carry) -> (mask, carry)`` (see :mod:`metadyn.core.policies`).
         micro_batch: run a stage in slices of at most this many samples while more than that remain
             (see :func:`micro_batched`); the later, smaller batches run whole, so slicing never adds
@@ -83,9 +83,17 @@ def dynamic_exit(model: MultiExitNet, x: Tensor, policy, micro_batch: int | None
         An :class:`ExitResult`, equal to ``simulated_exit(model, x, policy)`` up to floating point.
     """
     check_policy(policy, model.num_exits)
-    x = x.to(module_device(model))
+    x = to_model(model, x)
     with eval_mode(model), autocast(x.device, precision):
         return _dynamic_exit(model, x, policy, micro_batch)
+
+
+def to_model(model: nn.Module, x: Tensor) -> Tensor:
+    """``x`` on the model's device and, when both are floating point, in its parameters' dtype (a float64 batch
+    for a float32 model, as :func:`collect_logits` does)."""
+    p = next((t for t in model.parameters() if t.is_floating_point()), None)
+    dtype = p.dtype if p is not None and x.is_floating_point() else None
+    return x.to(module_device(model), dtype)
 
 
 @contextlib.contextmanager
@@ -140,31 +148,69 @@ def _dynamic_exit(model: MultiExitNet, x: Tensor, policy, micro_batch: int | Non
 def simulated_exit(model: MultiExitNet, x: Tensor, policy, precision: str | None = None) -> ExitResult:
     """The reference codes' early exit: compute every exit for every sample, then pick one (on the model's device;
     in eval mode for the call, as :func:`dynamic_exit`)."""
-    x = x.to(module_device(model))
+    x = to_model(model, x)
     with eval_mode(model), autocast(x.device, precision):
         logits = [lg.float() if lg.dtype in (torch.bfloat16, torch.float16) else lg for lg in model(x).logits]
         exit_idx, chosen = pick_exits(logits, policy)
     return ExitResult(chosen, exit_idx)
 
 
+def _graph_calls(module: nn.Module) -> dict[str, list[fx.Node]]:
+    """Where ``module`` runs through fx graphs (the stages of
+    :func:`~metadyn.core.backbones.attach.attach_exits`), every ``call_module`` node by the called module's path."""
+    calls: dict[str, list[fx.Node]] = {}
+    for prefix, sub in module.named_modules():
+        for attr in ("segments", "train_segments"):
+            graphs = getattr(sub, attr, None)
+            if not isinstance(graphs, (tuple, list)):
+                continue
+            for gm in graphs:
+                if not isinstance(gm, fx.GraphModule):
+                    continue
+                for node in gm.graph.nodes:
+                    if node.op == "call_module":
+                        calls.setdefault(f"{prefix}.{node.target}" if prefix else str(node.target), []).append(node)
+    return calls
+
+
+def _only_feeds(calls: dict[str, list[fx.Node]], conv: str, bn: str) -> bool:
+    """Whether, in every graph that calls them, the conv's output goes only to the BatchNorm and the BatchNorm
+    reads only the conv's output (an exit cut between them, or a second use of either, forbids folding)."""
+    for node in calls.get(conv, ()):
+        users = list(node.users)
+        if len(users) != 1 or users[0].op != "call_module" or users[0] not in calls.get(bn, ()):
+            return False
+    for node in calls.get(bn, ()):
+        src = node.args[0] if node.args else None
+        if not isinstance(src, fx.Node) or src not in calls.get(conv, ()):
+            return False
+    return True
+
+
 def fold_batchnorm(module: nn.Module) -> nn.Module:
-    """Fold every ``Conv2d`` directly followed by an eval-mode ``BatchNorm2d`` inside an ``nn.Sequential``
-    into one conv (in place); returns ``module``. Outputs change only by floating-point rounding."""
-    for name, child in list(module.named_children()):
-        if isinstance(child, nn.Sequential):
-            layers, folded, i = list(child), [], 0
-            while i < len(layers):
-                a = layers[i]
-                b = layers[i + 1] if i + 1 < len(layers) else None
-                if isinstance(a, nn.Conv2d) and isinstance(b, nn.BatchNorm2d) and b.track_running_stats:
-                    folded.append(fuse_conv_bn_eval(a, b))
-                    i += 2
-                else:
-                    folded.append(fold_batchnorm(a))
-                    i += 1
-            setattr(module, name, nn.Sequential(*folded))
-        else:
-            fold_batchnorm(child)
+    """Fold every ``Conv2d`` directly followed by an eval-mode ``BatchNorm2d`` inside a plain ``nn.Sequential``
+    into one conv, in place; returns ``module``. Outputs change only by floating-point rounding.
+
+    The module tree keeps its shape: the conv is replaced by the folded conv and the BatchNorm by
+    ``nn.Identity`` under the same names, so code that calls submodules by path (the fx stages of
+    :func:`~metadyn.core.backbones.attach.attach_exits`) still finds them. Subclasses of ``nn.Sequential``,
+    whose ``forward`` may not chain their children (a residual block), are searched but not folded; in a
+    network run through fx graphs a pair is folded only where the conv feeds nothing but the BatchNorm (no exit
+    cut between them)."""
+    calls = _graph_calls(module)
+    for path, seq in module.named_modules():
+        if type(seq) is not nn.Sequential:
+            continue
+        names = list(seq._modules)
+        for a_name, b_name in zip(names, names[1:]):
+            a, b = seq._modules[a_name], seq._modules[b_name]
+            if not (isinstance(a, nn.Conv2d) and isinstance(b, nn.BatchNorm2d) and b.track_running_stats
+                    and not (a.training or b.training)):
+                continue
+            full = f"{path}.{{}}" if path else "{}"
+            if _only_feeds(calls, full.format(a_name), full.format(b_name)):
+                seq._modules[a_name] = fuse_conv_bn_eval(a, b)
+                seq._modules[b_name] = nn.Identity()
     return module
 
 

@@ -506,3 +506,18 @@ def test_row_gather_and_scatter_keep_layout_and_values():
         ref = torch.zeros_like(t)
         ref[idx] = t[idx]
         assert torch.equal(out, ref)
+
+
+def test_real_skipping_never_writes_over_the_callers_input():
+    """A gateable backbone may return its input from ``stem`` (an identity stem); SkipNet's real skipping wrote the
+    skipped blocks' shortcut into that tensor in place, so the caller's batch changed."""
+    net = _gated("ff")
+    net.backbone.stem = lambda x: x  # identity stem: the blocks read the input itself (4 channels)
+    x = torch.randn(24, 4, 8, 8, dtype=torch.float64)
+    x0 = x.clone()
+    with torch.no_grad():
+        net.gate.fcs[0].bias -= torch.median(net.gate(0, x, None)[0])  # the first block runs on half the batch
+        out = net(x)
+    assert 0 < float(out.actions[:, 0].mean()) < 1  # so it writes into its input on some rows
+    assert torch.equal(x, x0)
+    assert torch.allclose(out.logits, net(x0.clone()).logits, atol=1e-10)  # the mixed path (autograd on) agrees

@@ -110,6 +110,44 @@ def test_prepare_for_inference_folds_bn_without_changing_outputs():
     assert isinstance(bn_free, torch.nn.Module)
 
 
+def test_folding_keeps_the_module_tree_residual_sequentials_and_attached_exit_cuts():
+    """fold_batchnorm rebuilt every Sequential as a shorter plain one: a Sequential subclass with its own forward
+    lost it (a residual block lost its skip), and an attach_exits network's stages, which call trunk modules by
+    path, ran the wrong layers or failed with "no attribute '6'"."""
+    import metadyn as md
+    from torch import nn
+
+    class Residual(nn.Sequential):
+        def forward(self, x):
+            return x + super().forward(x)
+
+    def bn(c):
+        b = nn.BatchNorm2d(c)
+        b.running_mean.uniform_(-1, 1), b.running_var.uniform_(0.5, 2), b.weight.data.uniform_(0.5, 2)
+        return b
+
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), Residual(nn.Conv2d(4, 4, 3, padding=1), bn(4), nn.ReLU()),
+                      nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3)).eval().double()
+    x = torch.randn(5, 1, 8, 8, dtype=torch.float64)
+    p = md.prepare_for_inference(m, channels_last=False)
+    assert type(p[1]) is Residual and torch.allclose(p(x), m(x), atol=1e-10)
+
+    trunk = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), bn(4), nn.ReLU(), nn.Conv2d(4, 4, 3, padding=1), bn(4),
+                          nn.ReLU(), nn.Conv2d(4, 4, 3, padding=1), bn(4), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                          nn.Flatten(), nn.Linear(4, 3)).eval().double()
+    for cut in ("2", "3"):  # after a BatchNorm's ReLU; at a conv whose BatchNorm is in the next stage
+        net = md.attach_exits(copy.deepcopy(trunk), [cut], example_input=x).eval().double()
+        fast = md.prepare_for_inference(net, channels_last=False)
+        folded = sum(isinstance(mod, nn.BatchNorm2d) for mod in net.modules()) - \
+            sum(isinstance(mod, nn.BatchNorm2d) for mod in fast.modules())
+        assert folded == (3 if cut == "2" else 2)  # the conv at the cut keeps its BatchNorm
+        for u, v in zip(net(x).logits, fast(x).logits):
+            assert torch.allclose(u, v, atol=1e-10)
+        first = ThresholdPolicy([float("-inf"), float("-inf")])  # everyone leaves at exit 0
+        assert torch.allclose(dynamic_exit(fast, x, first).logits, simulated_exit(net, x, first).logits, atol=1e-10)
+
+
 def test_micro_batched_dynamic_equals_one_batch():
     m = _trained_like(tiny_resnet_exits)
     x = torch.randn(70, 1, 8, 8, dtype=torch.float64)
@@ -140,3 +178,13 @@ def test_dynamic_exit_on_attached_network():
     final = dyn.exit_idx == net.num_exits - 1
     with torch.no_grad():
         assert torch.equal(dyn.logits[final], static(x[final]))
+
+
+def test_a_float64_batch_runs_on_a_float32_model_as_collect_logits_does():
+    """dynamic_exit / simulated_exit moved the batch to the model's device but not its dtype: a float64 batch
+    failed with "expected scalar type Double but found Float" where collect_logits cast it."""
+    m = tiny_resnet_exits().eval()
+    x = torch.randn(6, 1, 8, 8, dtype=torch.float64)
+    pol = ThresholdPolicy([0.4] * m.num_exits)
+    for run in (dynamic_exit, simulated_exit):
+        assert torch.equal(run(m, x, pol).logits, run(m, x.float(), pol).logits)

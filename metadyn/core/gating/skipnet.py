@@ -133,6 +133,8 @@ class GatedResNet(nn.Module):
     def forward(self, x: Tensor) -> GatedOutput:
         bb = self.backbone
         h = bb.stem(x)
+        if not torch.is_grad_enabled() and h.untyped_storage().data_ptr() == x.untyped_storage().data_ptr():
+            h = h.clone()  # real skipping overwrites the running activation: never the caller's input
         state = None
         probs, actions = [], []
         for i, block in enumerate(bb.blocks):
