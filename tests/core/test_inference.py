@@ -114,8 +114,9 @@ def test_folding_keeps_the_module_tree_residual_sequentials_and_attached_exit_cu
     """fold_batchnorm rebuilt every Sequential as a shorter plain one: a Sequential subclass with its own forward
     lost it (a residual block lost its skip), and an attach_exits network's stages, which call trunk modules by
     path, ran the wrong layers or failed with "no attribute '6'"."""
-    import metadyn as md
     from torch import nn
+
+    import metadyn as md
 
     class Residual(nn.Sequential):
         def forward(self, x):
