@@ -364,3 +364,73 @@ _CONVERT = dict(example_input=torch.rand(1, 1, 8, 8), exits=1, num_impressions=8
 def test_library_calls_refuse_arguments_that_gave_a_silent_number(call, message):
     with pytest.raises(InputError, match=message):
         call()
+
+
+def _tiny_meta_net():
+    return md.conv4_exits((1, 8, 8), num_classes=3, width=4, norm="group")
+
+
+_NAN, _INF = float("nan"), float("inf")
+
+
+def _row(exit_: int, accuracy: float) -> dict:
+    return {"group": "a", "exit": exit_, "accuracy": accuracy}
+
+
+@pytest.mark.parametrize("call, message", [
+    # operating_point: (N, 1) labels broadcast to N x N, out-of-range labels scored 0, no error
+    (lambda lg, y: md.operating_point(tiny_resnet_exits().eval(), [lg, lg], [lg, lg], torch.randn(50, 1, 8, 8),
+                                      y[:, None], [1.0, 2.0], 2.0), r"labels must be \(50,\)"),
+    (lambda lg, y: md.operating_point(tiny_resnet_exits().eval(), [lg, lg], [lg, lg], torch.randn(50, 1, 8, 8),
+                                      y + 10, [1.0, 2.0], 2.0), "labels must lie in 0..9"),
+    (lambda lg, y: md.operating_point(tiny_resnet_exits().eval(), [lg, lg], [lg, lg], torch.randn(10, 1, 8, 8),
+                                      y, [1.0, 2.0], 2.0), "10 samples in x but 50 rows"),
+    # all-NaN validation logits gave thresholds (-inf, inf, -inf): every test sample out at exit 0
+    (lambda lg, y: md.policy_for_budget([lg * _NAN] * 3, [1.0, 2.0, 3.0], 2.0), "not all finite"),
+    (lambda lg, y: md.budgeted_curve([lg * _NAN] * 2, [lg] * 2, y, [1.0, 2.0]), "not all finite"),
+    (lambda lg, y: md.budgeted_curve([lg] * 2, [lg] * 2, y, [1.0, 2.0], ps=[0.0]), "finite p > 0"),
+    # NaN logits: T = 1.0 quietly, ECE NaN; int32 labels a torch dtype error
+    (lambda lg, y: md.fit_temperatures([lg * _NAN], y), "not all finite"),
+    (lambda lg, y: md.ece(lg * _INF, y), "non-finite probabilities"),
+    # GA: a NaN cost or no samples a TypeError, decreasing costs a wrong message, a float population a torch error
+    (lambda lg, y: md.ga_thresholds(torch.rand(3, 20), torch.rand(3, 20) > 0.5, [1.0, _NAN, 3.0], 1.5),
+     "finite cumulative costs"),
+    (lambda lg, y: md.ga_thresholds(torch.rand(3, 20), torch.rand(3, 20) > 0.5, [3.0, 2.0, 1.0], 1.5),
+     "non-decreasing"),
+    (lambda lg, y: md.ga_thresholds(torch.rand(3, 0), torch.rand(3, 0) > 0.5, [1.0, 2.0, 3.0], 1.5),
+     "validation logits are empty"),
+    (lambda lg, y: md.ga_thresholds(torch.rand(3, 20), torch.rand(3, 20) > 0.5, [1.0, 2.0, 3.0], 1.5,
+                                    population=4.5), "population >= 4"),
+    (lambda lg, y: md.BudgetPolicy.from_budget([], 1.0), "needs the exits' costs"),
+    # statistics: rows paired by position across runs, NaN p-values poisoning Holm, inf differences
+    (lambda lg, y: md.aggregate([[_row(0, 0.5), _row(1, 0.6)], [_row(1, 0.9), _row(0, 0.1)]]), "differ in"),
+    (lambda lg, y: md.aggregate([[_row(0, 0.5)], [_row(0, 0.5), _row(1, 0.6)]]), "differ in"),
+    (lambda lg, y: md.aggregate([[{"group": "a", "exit": 0}]]), "without the key"),
+    (lambda lg, y: md.holm([{"difference": 1, "p": 0.001}, {"difference": 1, "p": _NAN}]), r"lie in \[0, 1\]"),
+    (lambda lg, y: md.holm([{"difference": 1, "p": -0.1}]), r"lie in \[0, 1\]"),
+    (lambda lg, y: md.paired([0.1, _INF, 0.2]), "finite numbers"),
+    # meta-learner: NaN rates and weights accepted, a fractional exit index cut to an integer
+    (lambda lg, y: md.MetaLearner(_tiny_meta_net(), inner_lr=_NAN), "inner_lr must be a finite"),
+    (lambda lg, y: md.MetaLearner(_tiny_meta_net(), inner_lr=_INF), "inner_lr must be a finite"),
+    (lambda lg, y: md.MetaLearner(_tiny_meta_net(), exit_weights=[_NAN] * 4), "exit_weights must be a finite"),
+    (lambda lg, y: md.MetaLearner(_tiny_meta_net(), exits=[1.7]), "integer exit indices"),
+    # impressions: a similarity of another class count a size-mismatch error, a fractional number an IndexError
+    (lambda lg, y: md.synthesize_impressions(_teacher(), 4, in_shape=(1, 8, 8), similarity=torch.eye(3),
+                                             progress=False), r"\(10, 10\) matrix"),
+    (lambda lg, y: md.synthesize_impressions(_teacher(), 2.5, in_shape=(1, 8, 8), progress=False),
+     "integer of at least 1"),
+])
+def test_front_door_calls_refuse_what_gave_a_wrong_number_or_a_torch_error(call, message):
+    """Found by probing the front door (sixth session): each returned a silently wrong number or failed inside torch
+    or the standard library with a message that does not name the problem."""
+    torch.manual_seed(0)
+    lg, y = torch.randn(50, 10), torch.randint(0, 10, (50,))
+    with pytest.raises(InputError, match=message):
+        call(lg, y)
+
+
+def test_int32_labels_fit_a_temperature_and_inf_gives_a_nan_spread():
+    lg, y = torch.randn(50, 10), torch.randint(0, 10, (50,))
+    assert md.fit_temperatures([lg], y.int()) == md.fit_temperatures([lg], y)
+    m, s = md.mean_std([_INF, 1.0])
+    assert m == _INF and s != s

@@ -27,8 +27,11 @@ def fit_temperature(logits: Tensor, labels: Tensor, max_iter: int = 100, bounds:
     check_labels(logits, labels, "fit_temperature")
     if logits.shape[0] == 0:
         raise InputError("fit_temperature: the calibration split is empty")
+    if not bool(torch.isfinite(logits).all()):
+        raise InputError("fit_temperature: the calibration logits are not all finite (NaN or inf: a diverged "
+                         "network?); a temperature fitted on them would be meaningless")
     logits = logits.detach().double().cpu()
-    labels = labels.detach().cpu()
+    labels = labels.detach().cpu().long()
     log_t = torch.zeros(1, dtype=torch.float64, requires_grad=True)
     opt = torch.optim.LBFGS([log_t], lr=0.1, max_iter=max_iter, line_search_fn="strong_wolfe")
 
@@ -58,6 +61,8 @@ def reliability(logits: Tensor, labels: Tensor, n_bins: int = 15) -> dict[str, l
     if isinstance(n_bins, bool) or not isinstance(n_bins, int) or n_bins < 1:
         raise InputError(f"reliability / ece: n_bins must be a positive integer, got {n_bins!r}")
     probs = logits.detach().float().softmax(-1)
+    if not bool(torch.isfinite(probs).all()):
+        raise InputError("reliability / ece: the logits give non-finite probabilities (NaN or +inf logits)")
     conf, pred = probs.max(-1)
     correct = (pred == labels).float()
     edges = torch.linspace(0, 1, n_bins + 1, device=conf.device)

@@ -18,6 +18,7 @@ import torch
 from metadyn.core.calibration import ece, fit_temperatures, reliability
 from metadyn.core.flops import ExitCosts, exit_costs, expected_cost
 from metadyn.core.inference import collect_logits, dynamic_exit
+from metadyn.core.outputs import check_labels
 from metadyn.core.policies import accuracy_at_budgets, anytime_accuracy, budgeted_curve, pick_exits, policy_for_budget
 from metadyn.errors import InputError
 
@@ -108,6 +109,10 @@ def operating_point(model, val: list[torch.Tensor], test: list[torch.Tensor], x:
     """Thresholds fitted on ``val`` for ``budget`` FLOPs, run for real with :func:`dynamic_exit` (batch
     compaction) on ``x``, and checked against picking from the full forward: ``mismatches`` counts samples
     whose prediction or exit differ. ``None`` when the budget is below the cheapest exit."""
+    if len(x) != len(test[0]):
+        raise InputError(f"operating_point: {len(x)} samples in x but {len(test[0])} rows of test logits; pass the "
+                         "logits of the same test samples")
+    check_labels(test[0], y, "operating_point")
     if budget < cum[0]:
         return None
     policy = policy_for_budget(val, cum, budget, score)

@@ -191,6 +191,8 @@ class BudgetPolicy:
     @classmethod
     def from_budget(cls, costs: Sequence[float], budget: float) -> BudgetPolicy:
         """The deepest exit whose cumulative cost (same unit as ``costs``) is at most ``budget``."""
+        if len(costs) == 0:
+            raise InputError("BudgetPolicy.from_budget needs the exits' costs; got none")
         fits = [k for k, c in enumerate(costs) if c <= budget]
         if not fits:
             raise InputError(f"budget {budget:g} is below the cheapest exit's cost {min(costs):g}")
@@ -303,6 +305,8 @@ def geometric_fractions(p: float, num_exits: int) -> Tensor:
         Huang et al., "Multi-Scale Dense Networks for Resource Efficient Image Classification",
         ICLR 2018, Sec. 5.2 (and ``dynamic_evaluate`` of the released code: ``p`` in ``{i/20}``).
     """
+    if isinstance(p, bool) or not isinstance(p, numbers.Real) or not (math.isfinite(p) and p > 0):
+        raise InputError(f"the geometric exit distribution needs a finite p > 0, got {p!r}")
     k = torch.arange(1, num_exits + 1, dtype=torch.float64)
     q = torch.exp(math.log(p) * k)
     return q / q.sum()
@@ -361,6 +365,20 @@ def _check_budget(budget) -> None:
         raise InputError(f"the FLOP budget must be a finite number, got {budget!r}")
 
 
+def _check_fit_inputs(fn: str, scores: Tensor, costs_t: Tensor) -> None:
+    """``(K, N)`` fitting scores with N > 0, all finite (NaN or inf logits — a diverged network — would give
+    thresholds that send everyone to one exit), and K finite, non-decreasing cumulative costs."""
+    if costs_t.shape != (scores.shape[0],) or not bool(torch.isfinite(costs_t).all()) \
+            or bool((costs_t.diff() < 0).any()):
+        raise InputError(f"{fn}: costs must be {scores.shape[0]} finite cumulative costs, one per exit and "
+                         f"non-decreasing, got {costs_t.tolist()}")
+    if scores.shape[1] == 0:
+        raise InputError(f"{fn}: thresholds need validation samples; the validation logits are empty")
+    if not bool(torch.isfinite(scores).all()):
+        raise InputError(f"{fn}: the validation scores are not all finite (NaN or inf logits: a diverged "
+                         "network?); fit thresholds on finite logits")
+
+
 def fit_thresholds_for_budget(scores: Tensor, costs: Sequence[float], budget: float, iters: int = 60) -> Tensor:
     """Thresholds of MSDNet's geometric family whose expected cost on ``scores`` is at most ``budget``.
 
@@ -377,12 +395,7 @@ def fit_thresholds_for_budget(scores: Tensor, costs: Sequence[float], budget: fl
     _check_budget(budget)
     if isinstance(iters, bool) or not isinstance(iters, numbers.Integral) or iters < 1:
         raise InputError(f"fit_thresholds_for_budget needs iters >= 1 bisection steps, got {iters!r}")
-    if costs_t.shape != (scores.shape[0],) or not bool(torch.isfinite(costs_t).all()) \
-            or bool((costs_t.diff() < 0).any()):
-        raise InputError(f"costs must be {scores.shape[0]} finite cumulative costs, one per exit and non-decreasing, "
-                         f"got {costs_t.tolist()}")
-    if n == 0:
-        raise InputError("thresholds for a budget need validation samples; the validation logits are empty")
+    _check_fit_inputs("fit_thresholds_for_budget", scores, costs_t)
 
     def cost(logp: float) -> tuple[float, Tensor]:
         t = fit_thresholds(scores, geometric_fractions(math.exp(logp), scores.shape[0]))
@@ -460,6 +473,7 @@ def budgeted_curve(val_logits: Sequence[Tensor], test_logits: Sequence[Tensor], 
     """
     ps = list(ps) if ps is not None else [i / 20 for i in range(1, 40)]
     val_scores = policy_scores(val_logits, score, temperatures).double().cpu()  # thresholds are fitted on the host
+    _check_fit_inputs("budgeted_curve", val_scores, torch.as_tensor(costs, dtype=torch.float64))
     rows = []
     for p in ps:
         t = fit_thresholds(val_scores, geometric_fractions(p, len(val_logits)))
@@ -545,9 +559,11 @@ def ga_thresholds(scores: Tensor, correct: Tensor, costs: Sequence[float], budge
     if correct.shape != scores.shape or len(costs_t) != k:
         raise InputError(f"ga_thresholds: scores {tuple(scores.shape)}, correct {tuple(correct.shape)} and "
                          f"{len(costs_t)} costs do not match")
+    _check_fit_inputs("ga_thresholds", scores, costs_t)
     if costs_t[0] > budget:
         raise InputError(f"budget {budget:g} is below the cheapest achievable expected cost {float(costs_t[0]):g}")
-    if population < 4 or generations < 0:
+    if any(isinstance(v, bool) or not isinstance(v, numbers.Integral) for v in (population, generations)) \
+            or population < 4 or generations < 0:
         raise InputError(f"ga_thresholds needs population >= 4 and generations >= 0, got {population}, {generations}")
     if k == 1:
         return torch.tensor([float("-inf")], dtype=torch.float64)

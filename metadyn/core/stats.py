@@ -14,16 +14,19 @@ import math
 import statistics
 from collections.abc import Sequence
 
+from metadyn.errors import InputError
+
 ALPHA = 0.05
 
 
 def mean_std(values: Sequence[float | None]) -> tuple[float | None, float | None]:
-    """Mean and sample standard deviation of the values that are not None."""
+    """Mean and sample standard deviation of the values that are not None (NaN or inf among them: the float mean
+    and a NaN spread)."""
     vals = [v for v in values if v is not None]
     if not vals:
         return None, None
-    if any(math.isnan(v) for v in vals):  # statistics.stdev raises on NaN; a NaN spreads like any other
-        return math.nan, math.nan
+    if not all(math.isfinite(v) for v in vals):  # statistics.stdev raises on NaN and inf; they spread as floats do
+        return sum(vals) / len(vals), (math.nan if len(vals) > 1 else 0.0)
     return statistics.fmean(vals), (statistics.stdev(vals) if len(vals) > 1 else 0.0)
 
 
@@ -39,6 +42,12 @@ def aggregate(runs: Sequence[Sequence[dict] | None], keys: Sequence[str] = ("acc
     ``n + diverged`` is the number of runs, and nothing is dropped silently. When no run has rows, one row of
     ``group`` with no accuracy says so."""
     done = [r for r in runs if r is not None]
+    layouts = {tuple((row.get("group"), row.get("exit")) for row in r) for r in done}
+    if len(layouts) > 1:  # rows are averaged by position: every run must list the same (group, exit) rows in order
+        raise InputError(f"aggregate: the runs' rows differ in (group, exit) or order: {sorted(layouts)[:2]}")
+    missing = sorted({k for r in done for row in r for k in keys if k not in row})
+    if missing:
+        raise InputError(f"aggregate: rows without the key(s) {missing}")
     if not done:
         return [{"group": group, "exit": 0, "accuracy": None, "mflops": None, "n": 0, "diverged": len(runs)}]
     scored = sum(1 for r in done if r and r[0].get("diverged"))
@@ -67,6 +76,8 @@ def paired(diffs: Sequence[float]) -> dict:
     float rounding (accuracy differences like 0.7701 - 0.7702 and 0.7654 - 0.7655 differ in the last bits),
     where the t-test would report a spread of 1e-17 and p ~ 0."""
     n = len(diffs)
+    if not all(math.isfinite(d) for d in diffs):
+        raise InputError("paired: the differences must be finite numbers (a NaN or inf accuracy or loss?)")
     m = statistics.fmean(diffs) if n else 0.0
     if n < 2:
         return {"difference": m, "se": None, "n": n, "p": None}
@@ -89,6 +100,9 @@ def compare(group: str, against: str, at: str, a: Sequence[float], b: Sequence[f
 
 def holm(comparisons: list[dict], alpha: float = ALPHA) -> list[dict]:
     """Adjust every comparison's p-value together (Holm) and add ``p_holm`` and ``verdict``; returns the list."""
+    bad = [c["p"] for c in comparisons if c["p"] is not None and not 0.0 <= c["p"] <= 1.0]  # NaN included
+    if bad:
+        raise InputError(f"holm: p-values must lie in [0, 1] (or be None for no test), got {bad[:3]}")
     tested = sorted((c for c in comparisons if c["p"] is not None), key=lambda c: c["p"])
     m, running = len(tested), 0.0
     for j, c in enumerate(tested):

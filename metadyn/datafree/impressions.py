@@ -40,6 +40,7 @@ paper's random start. Measurements and commands: issue 17's closing note.
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -49,6 +50,7 @@ from torch import Tensor, nn
 
 from metadyn.core.backbones.attach.tracing import trace_graph
 from metadyn.core.device import autocast, module_device
+from metadyn.core.inference import eval_mode
 from metadyn.core.train import pick_device
 from metadyn.data.augment import random_shift
 from metadyn.errors import InputError
@@ -434,8 +436,8 @@ def synthesize_impressions(teacher: nn.Module, num: int, *, in_shape: Sequence[i
     """
     s = settings or SynthesisSettings()
     s.check()
-    if num < 1:
-        raise InputError(f"number of impressions must be at least 1, got {num}")
+    if isinstance(num, bool) or not isinstance(num, numbers.Integral) or num < 1:
+        raise InputError(f"number of impressions must be an integer of at least 1, got {num!r}")
     home = module_device(teacher)
     dev = home if device is None else pick_device(device)
     if similarity is None:
@@ -443,7 +445,14 @@ def synthesize_impressions(teacher: nn.Module, num: int, *, in_shape: Sequence[i
         probe = torch.zeros((1, *in_shape), dtype=p.dtype, device=p.device)
         sim = class_similarity(final_layer_weight(teacher, probe))
     else:
-        sim = similarity.float()
+        sim = torch.as_tensor(similarity).float()
+        p = next(teacher.parameters())
+        with torch.no_grad(), eval_mode(teacher):
+            out = teacher(torch.zeros((1, *in_shape), dtype=p.dtype, device=p.device))
+        classes_out = out.shape[-1] if isinstance(out, Tensor) else sim.shape[0]
+        if sim.dim() != 2 or sim.shape != (classes_out, classes_out) or not bool(torch.isfinite(sim).all()):
+            raise InputError(f"similarity must be a finite ({classes_out}, {classes_out}) matrix for a teacher with "
+                             f"{classes_out} classes, got shape {tuple(sim.shape)}")
     k = sim.shape[0]
     idx = torch.arange(num)
     classes = idx % k

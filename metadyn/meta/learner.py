@@ -25,6 +25,8 @@ References:
 
 from __future__ import annotations
 
+import math
+import numbers
 from collections.abc import Iterator, Sequence
 
 import torch
@@ -55,8 +57,9 @@ def _per_exit(name: str, value, n: int, kind: type) -> list:
     if len(values) != n:
         raise InputError(f"{name} has {len(values)} entries for {n} exits")
     for v in values:
-        if isinstance(v, bool) or not isinstance(v, (int, float) if kind is float else int) or v < 0:
-            raise InputError(f"{name} must be a non-negative {kind.__name__} (or one per exit), got {value!r}")
+        if isinstance(v, bool) or not isinstance(v, (int, float) if kind is float else int) or not v >= 0 \
+                or not math.isfinite(v):  # `not v >= 0`: NaN too
+            raise InputError(f"{name} must be a finite non-negative {kind.__name__} (or one per exit), got {value!r}")
     return [kind(v) for v in values]
 
 
@@ -137,6 +140,8 @@ class MetaLearner(nn.Module):
                 raise InputError("meta-learning needs per-episode normalisation: build the backbone with "
                                  "norm='batch_episodic' or 'group' (BatchNorm running statistics mix episodes)")
         k = net.num_exits
+        if exits is not None and any(isinstance(e, bool) or not isinstance(e, numbers.Integral) for e in exits):
+            raise InputError(f"exits must be integer exit indices, got {list(exits)}")
         exits = list(range(k)) if exits is None else [int(e) for e in exits]
         if not exits or sorted(set(exits)) != exits or exits[0] < 0 or exits[-1] >= k:
             raise InputError(f"exits must be increasing exit indices in 0..{k - 1}, got {exits}")
