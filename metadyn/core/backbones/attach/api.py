@@ -146,10 +146,18 @@ def attach_exits(
     Returns:
         An :class:`AttachedExits` with ``len(at) + 1`` exits.
 
+    In-place ops are safe: where a later stage writes a cut value in place (``nn.ReLU(inplace=True)``
+    after the cut module, ``h.add_(...)``), that stage starts from a copy, so the head reads (and trains
+    on) the value at the cut; one tensor under two names (``b = relu_(a)``, both used later) is carried
+    once in the State.
+
     Raises:
         InputError: untraceable model, unknown name, a module called zero or several times, a cut that
-            is not a batch-major tensor, two names that produce the same activation, or (``freeze=False``)
-            a train-mode graph that cuts differently from the eval-mode one.
+            is not a batch-major tensor, two names that produce the same activation, two activations
+            crossing a cut that share memory a later in-place op writes (a view and its base), a traced
+            graph that computes another output than the model on ``example_input`` (fx runs ``x += y``
+            as ``x = x + y``), or (``freeze=False``) a train-mode graph that cuts differently from the
+            eval-mode one.
 
     Example::
 
@@ -165,7 +173,7 @@ def attach_exits(
     watch = _watch(model, names, cls)
     leaf_types = tuple(leaf_modules)
 
-    ev_trace = trace_model(model, example_input, watch, leaf_types)
+    ev_trace = trace_model(model, example_input, watch, leaf_types, check_eager=True)
     ev = _cut(model, ev_trace, names, example_input, cls)
     traces = [(ev_trace, "")]
     tr = None

@@ -3,8 +3,10 @@ which activations the State between stages must carry."""
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Sequence
 from dataclasses import dataclass
+from itertools import combinations
 from typing import Any
 
 from torch import fx, nn
@@ -13,6 +15,33 @@ from metadyn.core.backbones.attach.tracing import Trace
 from metadyn.errors import InputError
 
 COMPUTE = ("call_module", "call_function", "call_method", "get_attr")
+# Python's in-place operators (fx traces ``x[i] = v`` as setitem); ``x += y`` on a Proxy becomes ``x + y``
+_INPLACE_OPERATORS = frozenset({
+    operator.setitem, operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.ifloordiv,
+    operator.imod, operator.ipow, operator.imatmul, operator.iand, operator.ior, operator.ixor, operator.ilshift,
+    operator.irshift,
+})
+
+
+def written_input(model: nn.Module, n: fx.Node) -> fx.Node | None:
+    """The input node ``n`` writes in place by what it calls, else None: a module with ``inplace=True``
+    (``nn.ReLU(inplace=True)``, also an ``nn.Dropout(inplace=True)`` that only writes in train mode), an
+    ``inplace=True`` argument, an in-place method or function (``add_``, ``torch.relu_``) or operator."""
+    if n.op == "call_module":
+        try:
+            inplace = getattr(model.get_submodule(str(n.target)), "inplace", False) is True
+        except AttributeError:
+            return None
+    elif n.op in ("call_function", "call_method"):
+        name = n.target if isinstance(n.target, str) else getattr(n.target, "__name__", "")
+        inplace = (n.kwargs.get("inplace") is True or n.target in _INPLACE_OPERATORS
+                   or name.endswith("_") and not name.endswith("__"))
+    else:
+        return None
+    if not inplace:
+        return None
+    arg = n.args[0] if n.args else next(iter(n.kwargs.values()), None)
+    return arg if isinstance(arg, fx.Node) else None
 
 
 @dataclass
@@ -110,6 +139,10 @@ class Partition:
         emitted: per stage, the nodes it computes in place.
         states: ``states[j]``: the nodes stage ``j`` receives (``states[0] = [x]``); for ``j > 0`` the
             activations later stages still need, then the cut value last.
+        aliases: ``aliases[j]``: nodes stage ``j`` (and later) reads as one of ``states[j]`` because they are
+            the very same tensor (an in-place op's result and its input), carried once.
+        clone_cut: ``clone_cut[i]``: a later stage writes cut ``i``'s memory in place, so stage ``i + 1``
+            works on a copy and the State keeps the value exit ``i``'s head reads (and backpropagates through).
     """
 
     roles: GraphRoles
@@ -119,14 +152,17 @@ class Partition:
     final_outputs: list[fx.Node]
     emitted: list[list[fx.Node]]
     states: list[list[fx.Node]]
+    aliases: list[dict[fx.Node, fx.Node]]
+    clone_cut: list[bool]
 
 
 def partition(model: nn.Module, roles: GraphRoles, names: Sequence[str], cls: str) -> Partition:
     """Cut ``roles``' graph after the call of each module in ``names`` (in execution order).
 
     Raises:
-        InputError: a name is not a valid cut (:func:`cut_node`), two names produce the same activation, or
-            an activation crossing a cut is not batch-major.
+        InputError: a name is not a valid cut (:func:`cut_node`), two names produce the same activation, an
+            activation crossing a cut is not batch-major, or two crossing a cut share memory that a later
+            stage writes in place.
     """
     pos, nodes, remat, info = roles.pos, roles.nodes, roles.remat, roles.trace.info
     cuts = sorted(((pos[node], name, node) for name in names for node in [cut_node(roles, name, cls)]),
@@ -177,7 +213,25 @@ def partition(model: nn.Module, roles: GraphRoles, names: Sequence[str], cls: st
         return need
 
     needs = [external_needs(j) for j in range(len(cuts) + 1)]
+
+    # In-place writes: (position, storage ids written), seen in the example run or known from the op.
+    tr = roles.trace
+    pairs = set(tr.writes) | {(n, u) for n in nodes for u in [written_input(model, n)] if u is not None}
+    writes = [(pos[n], info[u].storages) for n, u in pairs if u in info and info[u].storages]
+
+    def written_after(p: int, storages: frozenset[int]) -> bool:
+        return any(q > p and s & storages for q, s in writes)
+
+    same = {n: u for n, u in tr.same.items() if written_input(model, n) is u}  # an in-place op returns its input
+
+    def root(n: fx.Node) -> fx.Node:
+        while n in same:
+            n = same[n]
+        return n
+
     states: list[list[fx.Node]] = [[roles.x_node]]  # states[j]: what stage j receives
+    aliases: list[dict[fx.Node, fx.Node]] = [{}]
+    clone_cut: list[bool] = []
     for j in range(1, len(cuts) + 1):
         later = set().union(*needs[j:])
         cut = cut_nodes[j - 1]
@@ -188,5 +242,23 @@ def partition(model: nn.Module, roles: GraphRoles, names: Sequence[str], cls: st
                     f"{u.name!r} (shapes {info[u].shapes}) crosses the exit after {exit_names[j - 1]!r} "
                     "but is not batch-major; move that exit"
                 )
-        states.append(carried + [cut])
-    return Partition(roles, exit_names, cut_nodes, feat, final_outputs, emitted, states)
+        # One tensor under several names (``b = relu_(a)``, both used later) is carried once: a dynamic exit
+        # indexes each State tensor apart, which would make two tensors of it.
+        rep = {root(cut): cut}
+        alias: dict[fx.Node, fx.Node] = {}
+        for u in carried:
+            alias[u] = rep.setdefault(root(u), u)
+        state = [u for u in carried if alias[u] is u] + [cut]
+        alias = {u: r for u, r in alias.items() if r is not u}
+        for a, b in combinations(state, 2):
+            shared = info[a].storages & info[b].storages
+            if shared and written_after(bounds[j], shared):
+                raise InputError(
+                    f"{a.name!r} and {b.name!r} cross the exit after {exit_names[j - 1]!r} sharing memory (one is a "
+                    "view of the other) that a later in-place op writes; a dynamic exit would carry them apart; "
+                    "move that exit"
+                )
+        states.append(state)
+        aliases.append(alias)
+        clone_cut.append(written_after(bounds[j], info[cut].storages))
+    return Partition(roles, exit_names, cut_nodes, feat, final_outputs, emitted, states, aliases, clone_cut)

@@ -16,7 +16,9 @@ from metadyn.core.freeze import freeze as freeze_module
 def build_segments(model: nn.Module, part: Partition, constants: nn.Module,
                    constant_names: dict[str, str]) -> list[fx.GraphModule]:
     """One GraphModule per stage of ``part``. Each reads ``model``'s submodules as ``trunk.<name>`` and the
-    lifted constants as ``constants.<constant_names[name]>``, at call time (nothing is copied)."""
+    lifted constants as ``constants.<constant_names[name]>``, at call time (nothing is copied). A stage
+    whose trunk writes the previous cut value in place (``part.clone_cut``) starts from a copy of it, so
+    the State keeps what that exit's head read."""
     remat, fixed = part.roles.remat, part.roles.fixed
     root = nn.Module()
     root.trunk = model
@@ -27,6 +29,12 @@ def build_segments(model: nn.Module, part: Partition, constants: nn.Module,
         env: dict[fx.Node, Any] = dict(fixed)
         for u in inputs:
             env[u] = g.placeholder(u.name)
+        if j > 0:
+            cut = part.cut_nodes[j - 1]
+            if part.clone_cut[j - 1]:  # the trunk writes the cut value in place: keep the State's for the head
+                env[cut] = g.create_node("call_method", "clone", (env[cut],), name=f"{cut.name}_copy")
+            for u, rep in part.aliases[j].items():
+                env[u] = env[rep]
 
         def get(u: fx.Node) -> Any:
             if u not in env:

@@ -4,8 +4,9 @@ input, which graph value each watched submodule returned, and (optionally) the F
 from __future__ import annotations
 
 import inspect
+import weakref
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -42,33 +43,85 @@ class ExitTracer(fx.Tracer):
 
 @dataclass
 class ValueInfo:
-    """What the example run produced at one node: whether it is a tensor, and its tensor leaves."""
+    """What the example run produced at one node: whether it is a tensor, and its tensor leaves.
+
+    ``storages``: the memory its tensor leaves live in, one id per distinct storage (two nodes with a
+    common id share memory: a view, or the very tensor an in-place op returned)."""
 
     is_tensor: bool
     shapes: list[torch.Size]
     dtype: torch.dtype | None
     device: torch.device | None
+    storages: frozenset[int] = frozenset()
+
+
+def _tensors(val: Any) -> list[Tensor]:
+    return [t for t in tree_leaves(val) if isinstance(t, Tensor)]
+
+
+def _version(t: Tensor) -> int | None:
+    try:
+        return t._version
+    except RuntimeError:  # an inference tensor has no version counter
+        return None
 
 
 class Recorder(fx.Interpreter):
     """Runs a traced graph on the original module and records a :class:`ValueInfo` per node and, when a
-    ``counter`` is given, the FLOPs it has counted once each node has run (cumulative, in graph order)."""
+    ``counter`` is given, the FLOPs it has counted once each node has run (cumulative, in graph order).
+
+    It also records which nodes wrote to one of their inputs in place (``writes``: {(writer, input)}, seen
+    from the input's version counter) and which returned one of their inputs itself (``same``: node ->
+    input, as an in-place op returns its argument)."""
 
     def __init__(self, module: nn.Module, graph: fx.Graph, counter: FlopCounterMode | None = None):
         super().__init__(module, graph=graph)
         self.info: dict[fx.Node, ValueInfo] = {}
         self.flops: dict[fx.Node, int] = {}
         self.counter = counter
+        self.writes: set[tuple[fx.Node, fx.Node]] = set()
+        self.same: dict[fx.Node, fx.Node] = {}
+        # storage ids: a data pointer names one storage only while some tensor holding it lives (weakrefs)
+        self._storage: dict[int, tuple[int, list[weakref.ref]]] = {}
+        self._next_sid = 0
+
+    def _storage_id(self, t: Tensor) -> int | None:
+        try:
+            if t.numel() == 0:
+                return None
+            ptr = t.untyped_storage().data_ptr()
+            ref = weakref.ref(t)
+        except (RuntimeError, TypeError, NotImplementedError):  # sparse and other storage-less tensors
+            return None
+        if ptr == 0:  # no memory (meta tensors)
+            return None
+        sid, refs = self._storage.get(ptr, (-1, []))
+        if sid < 0 or all(r() is None for r in refs):  # a new storage (perhaps where a freed one was)
+            sid, refs = self._next_sid, []
+            self._next_sid += 1
+            self._storage[ptr] = (sid, refs)
+        refs.append(ref)
+        return sid
 
     def run_node(self, n: fx.Node) -> Any:
+        inputs = [(u, t, _version(t)) for u in n.all_input_nodes for t in _tensors(self.env.get(u))]
         val = super().run_node(n)
-        leaves = [t for t in tree_leaves(val) if isinstance(t, Tensor)]
+        for u, t, before in inputs:
+            if before is not None and _version(t) != before:
+                self.writes.add((n, u))
+        if isinstance(val, Tensor):
+            for u in n.all_input_nodes:
+                if self.env.get(u) is val:
+                    self.same[n] = u
+                    break
+        leaves = _tensors(val)
         first = leaves[0] if leaves else None
         self.info[n] = ValueInfo(
             isinstance(val, Tensor),
             [t.shape for t in leaves],
             first.dtype if first is not None else None,
             first.device if first is not None else None,
+            frozenset(s for s in map(self._storage_id, leaves) if s is not None),
         )
         if self.counter is not None:
             self.flops[n] = int(self.counter.get_total_flops())
@@ -87,6 +140,8 @@ class Trace:
             removed from the model; the graph reads them with ``get_attr``.
         flops: per node, FLOPs counted from the input up to and including that node (with ``count_flops``).
         train: the mode the graph was traced in.
+        writes: the (node, input node) pairs where the example run saw a node write to its input in place.
+        same: node -> the input node whose very tensor it returned (an in-place op's result).
     """
 
     graph: fx.Graph
@@ -95,6 +150,8 @@ class Trace:
     lifted: dict[str, Any]
     flops: dict[fx.Node, int]
     train: bool
+    writes: set[tuple[fx.Node, fx.Node]] = field(default_factory=set)
+    same: dict[fx.Node, fx.Node] = field(default_factory=dict)
 
 
 def _concrete_args(model: nn.Module) -> dict[str, Any]:
@@ -146,17 +203,19 @@ def _lifted(model: nn.Module, attrs_before: set[str]) -> dict[str, Any]:
 
 def trace_model(model: nn.Module, example_input: Tensor, watch: dict[str, nn.Module],
                 leaf_types: Sequence[type[nn.Module]] = (), *, train: bool = False,
-                count_flops: bool = False) -> Trace:
+                count_flops: bool = False, check_eager: bool = False) -> Trace:
     """Trace ``model`` with every module in ``train`` mode (else eval mode, :func:`trace_graph`) and run
     ``example_input`` through the graph, without gradients, to record what each node produces.
 
     The example run leaves no trace: it runs with every module in eval mode (the graph's functional calls
     keep the mode they were traced in), torch's random number generators are restored afterwards, and for
     a train-mode graph the buffers too (a functional batch norm may update running statistics); every
-    module's mode is restored.
+    module's mode is restored. With ``check_eager`` (an eval-mode graph) ``model`` itself runs on the
+    example input too, from the same random state, and must give the graph's output.
 
     Raises:
-        InputError: the model cannot be traced, or the example input fails in it.
+        InputError: the model cannot be traced, the example input fails in it, or (``check_eager``) the
+            graph computes something else than the model.
     """
     cls = type(model).__name__
     tracer = ExitTracer(watch, tuple(leaf_types))
@@ -166,17 +225,25 @@ def trace_model(model: nn.Module, example_input: Tensor, watch: dict[str, nn.Mod
     recorder = Recorder(model, graph, counter)
     saved = {k: b.clone() for k, b in model.named_buffers()} if train else {}
     devices = [example_input.device] if example_input.device.type == "cuda" else []
+    out = eager = None
     # the graph reads the lifted constants as attributes of the model while it runs
     for k, v in lifted.items():
         model.__dict__[k] = v
     try:
         model.eval()
         with torch.no_grad(), torch.random.fork_rng(devices=devices):
+            x0 = example_input.clone() if check_eager else None  # the model may write its input in place
+            rng = torch.get_rng_state(), [torch.cuda.get_rng_state(d) for d in devices]
             if counter is not None:
                 with counter:
-                    recorder.run(example_input)
+                    out = recorder.run(example_input)
             else:
-                recorder.run(example_input)
+                out = recorder.run(example_input)
+            if check_eager:
+                torch.set_rng_state(rng[0])
+                for d, state in zip(devices, rng[1]):
+                    torch.cuda.set_rng_state(state, d)
+                eager = model(x0)
     except Exception as e:
         raise InputError(f"example_input {tuple(example_input.shape)} fails in {cls}: {_first_line(e)}") from e
     finally:
@@ -188,4 +255,22 @@ def trace_model(model: nn.Module, example_input: Tensor, watch: dict[str, nn.Mod
             with torch.no_grad():
                 for k, b in model.named_buffers():
                     b.copy_(saved[k])
-    return Trace(graph, tracer.calls, recorder.info, lifted, recorder.flops, train)
+    if check_eager and isinstance(out, Tensor) and isinstance(eager, Tensor) and not _close(out, eager):
+        raise InputError(
+            f"the torch.fx graph of {cls} computes another output than {cls} itself on example_input: fx runs "
+            "`x += y` as `x = x + y`, which differs where x shares memory with a tensor used later (the input of "
+            "an in-place activation), and skips hooks on modules it traces through; write `x.add_(y)` (what `+=` does "
+            "eagerly) in forward, or pass the hooked modules as leaf_modules"
+        )
+    return Trace(graph, tracer.calls, recorder.info, lifted, recorder.flops, train, recorder.writes, recorder.same)
+
+
+def _close(a: Tensor, b: Tensor) -> bool:
+    """Equal up to floating point (the same kernels may not give the same bits on an accelerator)."""
+    if a.shape != b.shape:
+        return False
+    if not a.is_floating_point() or not b.is_floating_point():
+        return torch.equal(a, b)
+    a, b = a.detach().double(), b.detach().double()
+    scale = float(b.nan_to_num(0.0, 0.0, 0.0).abs().max()) if b.numel() else 0.0
+    return torch.allclose(a, b, rtol=1e-4, atol=1e-5 * scale + 1e-7, equal_nan=True)
