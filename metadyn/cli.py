@@ -82,6 +82,8 @@ class JsonTarget:
         self.path = Path(path)
         if self.path.is_dir():
             raise InputError(f"--json {path!r} is a folder; name a file")
+        if str(path).endswith(("/", os.sep)):  # Path() drops the slash: "new.json/" would become a file
+            raise InputError(f"--json {path!r} ends with a slash, so it names a folder; name a file")
         if self.path.exists() and not overwrite:
             raise InputError(f"--json {path!r} exists; pass --overwrite to replace it")
         folder = self.path.parent

@@ -215,6 +215,11 @@ def from_dict(cls: type, data: dict, prefix: str = "", base: Any = None) -> Any:
     """
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
+    if base is None and prefix:  # a section given where the default is null replaces the task's own
+        for name in getattr(cls, "REQUIRED_ALONE", ()):
+            if name not in data:
+                raise InputError(f"'{prefix}{name}' is required: '{prefix[:-1]}' replaces the task's own (it is not "
+                                 "merged with it), so it must say everything it means")
     kwargs = {}
     for key, value in data.items():
         if key not in fields:
@@ -236,7 +241,27 @@ def to_dict(cfg: Any) -> dict:
 
 
 class _Loader(yaml.SafeLoader):
-    """``yaml.SafeLoader`` that also reads ``1e-3`` as a float (YAML 1.1 wants ``1.0e-3``)."""
+    """``yaml.SafeLoader`` that also reads ``1e-3`` as a float (YAML 1.1 wants ``1.0e-3``) and refuses a key
+    written twice in one mapping (PyYAML keeps the last silently: a second ``train:`` block would replace the
+    first, a method listed twice would change the reference of every comparison). Merge keys (``<<: *base``)
+    may still be overridden, as YAML intends."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            seen = set()
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    repeated = key in seen
+                    seen.add(key)
+                except TypeError:  # an unhashable key: the base constructor reports it
+                    continue
+                if repeated:
+                    raise yaml.constructor.ConstructorError(None, None, f"key {short(key)} is given twice in one "
+                                                            "mapping", key_node.start_mark)
+        return super().construct_mapping(node, deep=deep)
 
 
 _Loader.add_implicit_resolver(
@@ -410,14 +435,23 @@ def load_task(path: str | Path, overrides: list[str] | tuple = (), quick: bool =
     if not isinstance(kind_name, str):
         raise InputError(f"'kind' must be a string, got {short(kind_name)}")
     kind = TASK_KINDS.get(kind_name)
+    sets = [parse_override(text) for text in overrides]
+    for key, value in sets:
+        if key == "kind" and value != kind_name:
+            raise InputError(f"--set kind: a task's kind cannot be changed ({short(path.name)} is a {kind_name!r} "
+                             "task; its keys belong to that kind); write a task file of the other kind")
+    for key, value in sets:  # `--set quick.X=...` edits the quick section before it applies
+        if key == "quick" or key.startswith("quick."):
+            set_dotted(data, key, value)
     if quick:
         q = data.get("quick") or {}
         if not isinstance(q, dict):
             raise InputError(f"'quick' must be a mapping of dotted keys, got {short(q)}")
         for k, v in q.items():
             set_dotted(data, str(k), v)
-    for text in overrides:
-        set_dotted(data, *parse_override(text))
+    for key, value in sets:
+        if not (key == "quick" or key.startswith("quick.")):
+            set_dotted(data, key, value)
     return validate(from_dict(kind.config, data))
 
 

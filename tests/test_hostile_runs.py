@@ -16,6 +16,7 @@ import yaml
 
 from metadyn.cli import main
 from metadyn.core.train import pick_device
+from metadyn.errors import InputError
 from metadyn.registry import BENCHMARKS
 from metadyn.runner import run_folder
 
@@ -318,3 +319,99 @@ def test_a_task_name_cannot_send_the_default_folder_elsewhere(tmp_path, capsys, 
         code, _, err = _run(capsys, *MLP, "--set", f"task={name}")
         assert code == 2 and _one_line(err) and "not a plain name" in err
     assert not (tmp_path.parent / "escape").exists() and not (tmp_path / "runs").exists()
+
+
+# --------------------------------------------------------------------------- sixth session: the CLI probe's findings
+
+
+def test_a_compare_method_named_dot_dot_is_refused_before_any_folder_is_touched(capsys, tmp_path):
+    """`..` was a "folder-safe" method name: the run resumed from, and overwrote, the checkpoint of the run in the
+    folder above its own."""
+    out = tmp_path / "victim" / "sub"
+    out.parent.mkdir()
+    (out.parent / "checkpoint.pt").write_bytes(b"another run's checkpoint")
+    code = main(["run", "compare_digits", "--quick", "--no-progress", "--out", str(out),
+                 "--set", "methods={..: {method: ce}}"])
+    err = capsys.readouterr().err
+    assert code == 2 and _one_line(err) and "not only dots" in err
+    assert (out.parent / "checkpoint.pt").read_bytes() == b"another run's checkpoint" and not out.exists()
+
+
+@pytest.mark.parametrize("weights", ["[-1, 1, 1]", "[0, 0, 0]", "[1, .inf, 1]"])
+def test_exit_weights_that_train_nothing_or_reward_errors_are_refused(capsys, tmp_path, weights):
+    """Negative or all-zero exit weights ran to chance accuracy with exit status 0."""
+    code, _, err = _run(capsys, *MLP, "--set", f"train.method_options.weights={weights}", "--out",
+                        str(tmp_path / "w"))
+    assert code == 2 and _one_line(err) and "exit weights must be finite, non-negative" in err
+
+
+def test_a_key_given_twice_in_a_task_file_is_refused(capsys, tmp_path):
+    """PyYAML keeps the last of two equal keys: a second `train:` block replaced the first, a method listed twice
+    silently changed the reference of every comparison."""
+    task = tmp_path / "twice.yaml"
+    task.write_text("task: twice\nkind: anytime\ndata: {name: digits}\ntrain: {epochs: 1}\ntrain: {lr: 0.1}\n")
+    code = main(["run", str(task), "--quick", "--no-progress", "--out", str(tmp_path / "r")])
+    err = capsys.readouterr().err
+    assert code == 2 and _one_line(err) and "key 'train' is given twice" in err and "line 5" in err
+    from metadyn.config import safe_load
+
+    assert safe_load("base: &b {a: 1, b: 2}\nderived: {<<: *b, a: 3}")["derived"] == {"a": 3, "b": 2}  # merges kept
+
+
+def test_a_set_below_a_methods_unset_model_is_refused_not_a_default_resnet():
+    """`--set methods.X.model.options.width=4` created `model: {options: {width: 4}}`, which built a default ResNet-56
+    (10x the FLOPs of the task's model) for that method only."""
+    from metadyn.config import load_task
+
+    with pytest.raises(InputError, match=r"'methods.feature L2.model.backbone' is required"):
+        load_task("labelscarce_digits", ["methods.feature L2.model.options.width=4"], quick=True)
+    cfg = load_task("compare_digits", [], quick=True)  # methods that name their backbone still load
+    assert cfg.methods["msdnet"].model.backbone == "msdnet"
+
+
+def test_kind_cannot_be_changed_with_set_and_set_reaches_the_quick_section():
+    """`--set kind=...` gave an AttributeError traceback (the config class was chosen before the overrides);
+    `--set quick.train.epochs=1` was applied after the quick section and silently ignored."""
+    from metadyn.config import load_task
+
+    with pytest.raises(InputError, match="a task's kind cannot be changed"):
+        load_task(TASK, ["kind=labelscarce"], quick=True)
+    assert load_task(TASK, ["kind=anytime"], quick=True).kind == "anytime"
+    assert load_task(TASK, ["quick.train.epochs=1"], quick=True).train.epochs == 1
+    assert load_task(TASK, ["quick.train.epochs=1", "train.epochs=2"], quick=True).train.epochs == 2  # --set wins
+
+
+def test_resuming_in_another_precision_is_refused(capsys, tmp_path):
+    """The precision was not part of a run's identity: a bf16 run resumed in fp32 mixed both and recorded fp32."""
+    out = tmp_path / "p"
+    assert _run(capsys, *MLP, "--out", str(out))[0] == 0
+    before = _snapshot(out)
+    code, _, err = _run(capsys, *MLP, "--out", str(out), "--precision", "bf16")
+    assert code == 2 and _one_line(err) and "precision: 'fp32' -> 'bf16'" in err
+    assert _snapshot(out) == before
+    assert _run(capsys, *MLP, "--out", str(out))[0] == 0  # the same precision still resumes (here: re-evaluates)
+
+
+def test_datafree_synth_bn_weight_would_give_the_zskd_control_the_prior_too():
+    from metadyn.datafree import SynthesisSettings
+    from metadyn.runner.kinds.datafree import ImpressionSpec
+
+    with pytest.raises(InputError, match="impressions.bn_weight"):
+        ImpressionSpec(synth=SynthesisSettings(bn_weight=0.5)).settings()
+
+
+@pytest.mark.parametrize("exits", [[], [1, 1, 3], [5, 3, 1]])
+def test_resnet_exits_empty_repeated_or_unsorted_are_refused(exits):
+    """They were silently replaced by the default exits, deduplicated or sorted (config.yaml kept the given list)."""
+    from metadyn.core.backbones.resnet import resnet_exits
+
+    with pytest.raises(InputError, match="increasing, distinct block numbers"):
+        resnet_exits(depth=20, exits=exits)
+
+
+def test_bench_json_with_a_trailing_slash_is_refused(tmp_path):
+    from metadyn.cli import JsonTarget
+
+    with pytest.raises(InputError, match="ends with a slash"):
+        JsonTarget(str(tmp_path / "new.json") + "/", overwrite=False)
+    assert not (tmp_path / "new.json").exists()

@@ -43,13 +43,26 @@ def exitwise_ce(out: ExitOutput, y: Tensor, weights: Sequence[float] | None = No
     k = out.num_exits
     if weights is not None and len(weights) != k:
         raise InputError(f"exit weights has {len(weights)} entries for a network with {k} exits")
-    w = [1.0] * k if weights is None else [float(v) for v in weights]
+    w = [1.0] * k if weights is None else check_exit_weights(weights)
     return torch.stack([wk * labeled_ce(lg, y) for wk, lg in zip(w, out.logits)]).sum()
+
+
+def check_exit_weights(weights: Sequence[float] | None) -> list[float] | None:
+    """Per-exit loss weights as floats: finite, non-negative, not all zero (a negative weight rewards a wrong
+    exit without bound, all zeros train nothing; both ran to chance accuracy with exit status 0)."""
+    if weights is None:
+        return None
+    if isinstance(weights, str | bytes) or not isinstance(weights, Sequence) or any(
+            isinstance(v, bool) or not isinstance(v, numbers.Real) or not 0 <= v < math.inf for v in weights) \
+            or not any(v > 0 for v in weights):
+        raise InputError(f"exit weights must be finite, non-negative numbers, not all zero, got {str(weights)[:80]}")
+    return [float(v) for v in weights]
 
 
 @METHODS.register("ce")
 def ce_loss(weights: Sequence[float] | None = None):
     """Exit-wise cross-entropy (:func:`exitwise_ce`) with optional per-exit weights."""
+    check_exit_weights(weights)
 
     def loss(out: ExitOutput, y: Tensor) -> Tensor:
         return exitwise_ce(out, y, weights)
@@ -254,6 +267,7 @@ def imta_loss(tau: float | str = "adaptive", teachers: str = "last", weights: Se
         raise InputError(f"unknown distillation teachers {teachers!r}; choose from: later, last")
     if reduction not in ("sum", "mean"):
         raise InputError(f"unknown distillation reduction {reduction!r}; choose from: sum, mean")
+    check_exit_weights(weights)
     adaptive = None
     if tau == "adaptive":
         adaptive = AdaptiveTemperature(tau_start, maxprob, tau_factor)

@@ -152,6 +152,9 @@ class MetaLearner(nn.Module):
         self.inner_steps = _per_exit("inner_steps", inner_steps, len(exits), int)
         self.exit_weights = _per_exit("exit_weights", exit_weights if exit_weights is not None else 1.0,
                                       len(exits), float)
+        if not any(w > 0 for w in self.exit_weights):
+            raise InputError(f"exit_weights are all zero: the meta-objective would train nothing, got "
+                             f"{self.exit_weights}")
         self.share_trunk = bool(share_trunk) and algorithm != "anil"  # ANIL's trunk is never adapted
         if self.share_trunk and len(set(self.inner_steps)) > 1:
             raise InputError(f"share_trunk needs one inner_steps for all exits, got {self.inner_steps}")

@@ -117,8 +117,11 @@ def _first_difference(a: Any, b: Any, prefix: str = "") -> str | None:
 
 
 def _identity(config: Any) -> Any:
-    """What identifies a run: its resolved config without the device it computes on."""
-    return {k: v for k, v in config.items() if k != "device"} if isinstance(config, dict) else config
+    """What identifies a run: its resolved config and precision (a folder written before the precision was
+    recorded ran in fp32), without the device it computes on. A resumed run never mixes precisions."""
+    if not isinstance(config, dict):
+        return config
+    return {"precision": "fp32", **{k: v for k, v in config.items() if k != "device"}}
 
 
 def _is_scratch(p: Path) -> bool:
@@ -285,7 +288,7 @@ def run_task(task: str | Path, overrides=(), quick: bool = False, out: str | Pat
         dev = distributed.init_from_env(dev)
     try:
         with default_precision(precision or "fp32"):
-            result = _run(cfg, kind, out_dir, dev, out is None, progress)
+            result = _run(cfg, kind, out_dir, dev, out is None, progress, precision or "fp32")
         if joined:
             distributed.barrier()  # every rank done before any tears the process group down
         return result
@@ -296,7 +299,8 @@ def run_task(task: str | Path, overrides=(), quick: bool = False, out: str | Pat
             dist.destroy_process_group()
 
 
-def _run(cfg: TaskConfig, kind: TaskKind, out_dir: Path, device, parents: bool, progress: bool) -> tuple[Path, dict]:
+def _run(cfg: TaskConfig, kind: TaskKind, out_dir: Path, device, parents: bool, progress: bool,
+         precision: str = "fp32") -> tuple[Path, dict]:
     seed_everything(cfg.seed)
     built = kind.build(cfg, device)
     rank0 = distributed.is_rank0()
@@ -304,7 +308,7 @@ def _run(cfg: TaskConfig, kind: TaskKind, out_dir: Path, device, parents: bool, 
         failure = None
         if rank0:  # only rank 0 touches the folder; the others wait for its verdict
             try:
-                stack.enter_context(run_folder(out_dir, to_dict(cfg), parents=parents))
+                stack.enter_context(run_folder(out_dir, {**to_dict(cfg), "precision": precision}, parents=parents))
             except Exception as e:
                 if not distributed.active():
                     raise

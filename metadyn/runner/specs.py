@@ -6,6 +6,7 @@ from __future__ import annotations
 import inspect
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 from metadyn.config import checked_call, spec
 from metadyn.core.policies import SCORES
@@ -40,6 +41,7 @@ class ModelSpec:
 
     backbone: str = "resnet"
     options: dict = field(default_factory=dict)
+    REQUIRED_ALONE: ClassVar[tuple[str, ...]] = ("backbone",)  # a method's own model names its backbone
 
 
 @dataclass

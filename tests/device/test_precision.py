@@ -111,8 +111,10 @@ def test_run_device_precision_kernels_switches(tmp_path, capsys):
     s = json.loads((out / "metrics.json").read_text())["settings"]
     assert s["device"] == "cpu" and s["precision"] == "bf16" and s["deterministic_algorithms"] and s["world_size"] == 1
     assert {"device_name", "cuda", "cudnn", "matmul_fp32_precision", "conv_fp32_precision", "cudnn_benchmark"} <= set(s)
-    # the device is not part of the run's identity: the same run resumes elsewhere (here: auto, the CPU)
-    assert main(["run", "digits_anytime", "--quick", "--out", str(out), "--set", "device=auto", *FAST]) == 0
+    # the device is not part of the run's identity: the same run resumes elsewhere (here: auto, the CPU); its
+    # precision is (a resumed run never mixes precisions)
+    assert main(["run", "digits_anytime", "--quick", "--out", str(out), "--set", "device=auto", "--precision", "bf16",
+                 *FAST]) == 0
     assert "different config" not in capsys.readouterr().err
     for bad, word in ((["--device", "meta"], "meta"), (["--device", "tpu"], "tpu"), (["--precision", "fp16"], "fp16"),
                       (["--kernels", "fastest"], "fastest")):

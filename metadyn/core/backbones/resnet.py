@@ -82,7 +82,10 @@ class ResNetExits(MultiExitNet):
         if exits is not None and (isinstance(exits, str) or not isinstance(exits, Sequence)
                                   or not all(isinstance(e, int) and not isinstance(e, bool) for e in exits)):
             raise InputError(f"resnet exits must be a list of block numbers, got {str(exits)[:40]}")
-        exits = sorted(set(int(e) for e in (exits or (n, 2 * n, 3 * n))))
+        if exits is not None and (len(exits) == 0 or any(a >= b for a, b in zip(exits, exits[1:]))):
+            raise InputError(f"resnet exits must be increasing, distinct block numbers (null: after each stage), got "
+                             f"{list(exits)}")
+        exits = list(exits) if exits is not None else [n, 2 * n, 3 * n]
         if exits[0] < 1 or exits[-1] > total:
             raise InputError(f"resnet exits must lie in 1..{total} for depth {depth}, got {exits}")
         if exits[-1] != total:

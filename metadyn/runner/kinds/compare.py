@@ -63,8 +63,9 @@ class Compare(TaskKind):
 
     def build(self, cfg, device):
         for name in cfg.methods:
-            if not _NAME.match(name):
-                raise InputError(f"'methods' key {name!r} must be a folder-safe name (letters, digits, _ . -)")
+            if not _NAME.match(name) or not name.strip("."):  # "." and ".." would name the run folder or its parent
+                raise InputError(f"'methods' key {name!r} must be a folder-safe name (letters, digits, _ . -, not only "
+                                 "dots)")
         data = specs.load_data(cfg.data, cfg.seed)
         built = {}
         for name, s in cfg.methods.items():

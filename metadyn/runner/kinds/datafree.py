@@ -101,6 +101,10 @@ class ImpressionSpec:
         """The synthesis settings this spec stands for: with ``preset: paper``, each of ``tau``, ``steps``, ``lr``,
         ``batch_size`` and ``init`` that ``synth`` leaves at metadyn's default takes the released code's value (so
         ``--quick``'s fewer steps, or any value set to something else, are kept)."""
+        if self.synth.bn_weight != 0:  # it would give the ZSKD condition the feature prior too: two equal sets
+            raise InputError(f"impressions.synth.bn_weight is {self.synth.bn_weight:g}: the `impressions` condition "
+                             "is ZSKD's, without a feature prior; set the prior's weight of `impressions_bn` with "
+                             "impressions.bn_weight")
         if self.preset == "tuned":
             return self.synth
         from metadyn.datafree.impressions import PAPER_PRESET
