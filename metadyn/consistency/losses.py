@@ -7,7 +7,8 @@ representation ``F_C`` behind a stop-gradient, so the consistency term never mov
 - ``byol``:    ``2 - 2 cos(q_i(g_i(F_i)), sg(F_C))``  (Grill et al., NeurIPS 2020, Eq. 2, with the final
   exit in the role of the target network);
 - ``simsiam``: two augmented views, symmetrised ``1/2 D(p_i^1, sg(F_C^2)) + 1/2 D(p_i^2, sg(F_C^1))`` with
-  ``D = -cos`` shifted to ``1 - cos`` (Chen & He, CVPR 2021, Eq. 2);
+  Chen & He's ``D = -cos`` (CVPR 2021, Eq. 1-2) taken in BYOL's form ``2 - 2 cos``: twice the paper's term up to a
+  constant, so ``weight`` here is twice the paper's weight;
 - ``l2``:      ``1/D ||g_i(F_i) - sg(F_C / ||F_C||)||^2`` (a feature hint like BYOT's ``||F_i - F_C||^2``, with the
   target scaled to unit length; unlike ``byol``, the prediction is not normalised and there is no predictor).
   The mean over the ``D`` dimensions keeps the term's curvature small: summed over dimensions, at weight 1

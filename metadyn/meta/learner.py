@@ -181,6 +181,10 @@ class MetaLearner(nn.Module):
         self._stats: Tensor | None = None  # the last meta-batch's query losses and accuracies (see last_stats)
         # Idea 3 in the outer loop: an ExitConsistency (metadyn.consistency) whose weighted term, on each
         # episode's support and query images through the meta-parameters, joins the meta-objective.
+        if consistency is not None and getattr(consistency, "views", 1) != 1:
+            raise InputError("a consistency that needs two augmented views (kind 'simsiam') cannot run in the outer "
+                             "loop, which has one view of each image (it would pair support with query images); "
+                             "use byol or l2")
         self.consistency = consistency
 
     # ------------------------------------------------------------------ parameters and paths

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from metadyn.core.backbones.base import MultiExitNet
+from metadyn.core.inference import eval_mode
 from metadyn.errors import InputError
 
 
@@ -58,8 +59,12 @@ class ProtoExits(nn.Module):
 
     @torch.no_grad()
     def predict(self, sx: Tensor, sy: Tensor, qx: Tensor, steps=None) -> list[Tensor]:
-        """Every exit's ``(Q, N)`` query logits for one episode (``steps`` is ignored: no inner loop)."""
-        return [z.float() for z in self.episode_logits(sx, sy, qx)]
+        """Every exit's ``(Q, N)`` query logits for one episode (``steps`` is ignored: no inner loop), computed in
+        eval mode as Snell et al. test (a BatchNorm with running statistics uses them and does not update them;
+        validation inside :func:`~metadyn.meta.train.meta_fit` wrote every episode into them); the modes are
+        restored after."""
+        with eval_mode(self):
+            return [z.float() for z in self.episode_logits(sx, sy, qx)]
 
     def forward(self, batch) -> Tensor:
         sx, sy, qx, qy = batch

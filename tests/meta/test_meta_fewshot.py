@@ -196,3 +196,32 @@ def test_fewshot_task_reports_the_spread_over_training_seeds(tmp_path):
     assert {(c["against"], c["n"]) for c in two["comparisons"]} == {("protonet", 2)}  # paired by seed
     text = (out / "report.md").read_text()
     assert "mean ± std over 2 training seeds" in text and "Every training seed" in text
+
+
+def test_protonet_evaluation_runs_in_eval_mode_and_leaves_batchnorm_statistics_alone():
+    """ProtoExits accepts BatchNorm with running statistics (Snell et al. test in eval mode), but evaluate_episodes
+    ran it in train mode: every validation episode of meta_fit was written into the running statistics."""
+    from metadyn.data import ClassPool
+
+    torch.manual_seed(0)
+    pool = ClassPool(torch.rand(40, 1, 12, 12), torch.arange(8).repeat_interleave(5))
+    net = conv4_exits((1, 12, 12), 3, width=4, norm="batch").train()
+    bn = [m for m in net.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    before = [(b.running_mean.clone(), int(b.num_batches_tracked)) for b in bn]
+    res = evaluate_episodes(ProtoExits(net), EpisodeSampler(pool, 3, 1, 2), 4)
+    assert all(torch.equal(b.running_mean, m) and int(b.num_batches_tracked) == n for b, (m, n) in zip(bn, before))
+    assert net.training and all(m.training for m in net.modules())  # the caller's mode is restored
+    net.eval()
+    again = evaluate_episodes(ProtoExits(net), EpisodeSampler(pool, 3, 1, 2), 4)
+    assert torch.equal(res.accuracy, again.accuracy)  # the same numbers as a network put in eval mode
+
+
+def test_a_two_view_consistency_is_refused_in_the_outer_loop():
+    """MetaLearner(consistency=simsiam) split one episode's support + query images in two halves and paired them as
+    two augmented views of the same images (a finite, meaningless loss)."""
+    import metadyn as md
+
+    net = conv4_exits((1, 12, 12), 3, width=4, norm="batch_episodic")
+    with pytest.raises(InputError, match="two augmented views"):
+        MetaLearner(net, "fomaml", consistency=md.consistency_method(net, (1, 12, 12), kind="simsiam", hidden=4))
+    MetaLearner(net, "fomaml", consistency=md.consistency_method(net, (1, 12, 12), kind="byol", hidden=4))
