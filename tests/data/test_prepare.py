@@ -78,3 +78,54 @@ def test_without_a_destination(tmp_path, monkeypatch, capsys):
     _fake(tmp_path)
     assert main(["data", "prepare", "mnist", "--from", str(tmp_path)]) == 2
     assert "give --to ROOT, or set $METADYN_DATA" in capsys.readouterr().err
+
+
+def test_mnist_family_files_come_from_one_folder_read_as_the_loader_reads_them(tmp_path, capsys):
+    """MNIST and Fashion-MNIST share their file names: `prepare` took each file alone from anywhere under --from (a
+    Downloads folder with both gave Fashion's files for `mnist`, or images of one and labels of the other), copied
+    a set whose label count differs from its image count, and reported "copied" for unpacked files that the loader
+    ignored (it reads an older .gz of the same name first)."""
+    import shutil
+
+    _fake(tmp_path / "dl" / "fashion", seed=1)
+    _fake(tmp_path / "dl" / "mnist", seed=2, gz=False)
+    assert main(["data", "prepare", "mnist", "--from", str(tmp_path / "dl"), "--to", str(tmp_path / "d")]) == 2
+    assert "several folders" in capsys.readouterr().err and not (tmp_path / "d").exists()
+
+    (tmp_path / "mix" / "a").mkdir(parents=True)  # images in one folder, labels in another: no complete folder
+    _fake(tmp_path / "mix" / "b", seed=2)
+    for f in ("train-images-idx3-ubyte.gz", "t10k-images-idx3-ubyte.gz"):
+        shutil.move(tmp_path / "mix" / "b" / f, tmp_path / "mix" / "a" / f)
+    assert main(["data", "prepare", "mnist", "--from", str(tmp_path / "mix"), "--to", str(tmp_path / "d")]) == 2
+    assert "no folder under" in capsys.readouterr().err and not (tmp_path / "d").exists()
+
+    _fake(tmp_path / "bad", seed=3)
+    shutil.copy(tmp_path / "bad" / "t10k-labels-idx1-ubyte.gz", tmp_path / "bad" / "train-labels-idx1-ubyte.gz")
+    assert main(["data", "prepare", "mnist", "--from", str(tmp_path / "bad"), "--to", str(tmp_path / "d")]) == 2
+    assert "60 images" in capsys.readouterr().err and not (tmp_path / "d").exists()
+
+    assert main(["data", "prepare", "mnist", "--from", str(tmp_path / "dl" / "fashion"), "--to", str(tmp_path / "d")]) \
+        == 0
+    capsys.readouterr()
+    assert main(["data", "prepare", "mnist", "--from", str(tmp_path / "dl" / "mnist"), "--to", str(tmp_path / "d")]) \
+        == 2  # unpacked files beside the .gz ones the loader would keep reading
+    assert "reads the .gz form first" in capsys.readouterr().err
+    assert sorted(os.listdir(tmp_path / "d" / "mnist")) == sorted(f"{s}.gz" for s in (
+        "train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"))
+
+
+def test_omniglot_zips_must_hold_what_their_names_say(tmp_path, capsys):
+    """A zip of the right name holding a text file, or small1's zip renamed, was copied with exit 0."""
+    import zipfile
+
+    fake_background(tmp_path / "dl", "images_background_small1", {"Latin": 3})
+    fake_background(tmp_path / "dl", "images_background_small2", {"Greek": 3}, first=3)
+    fake_runs(tmp_path / "dl" / "runs", "one_shot_runs_01-10")
+    small2 = tmp_path / "dl" / "images_background_small2.zip"
+    small2.unlink()
+    with zipfile.ZipFile(small2, "w") as zf:
+        zf.writestr("readme.txt", "not images")
+    assert main(["data", "prepare", "omniglot", "--from", str(tmp_path / "dl"), "--to", str(tmp_path / "d")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "images_background_small2/<alphabet>/<character>/*.png" in err
+    assert not (tmp_path / "d").exists()
