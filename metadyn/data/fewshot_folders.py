@@ -48,6 +48,21 @@ def _check_split(name: str, split: str) -> None:
         raise InputError(f"unknown split {split!r} of {name!r}; choose from: {', '.join(SPLITS)}")
 
 
+def _check_listing(name: str, split: str, items: list[str], what: str, others: dict[str, set[str]]) -> None:
+    """A meta-split listing names each item once and shares none with the other meta-splits' listings (a class
+    listed twice gave an episode the same class under two labels; one in two splits is meta-test leakage)."""
+    seen: set[str] = set()
+    for item in items:
+        if item in seen:
+            raise InputError(f"dataset {name!r}: {what} {item!r} is listed twice in the {split!r} meta-split")
+        seen.add(item)
+    for other, names in others.items():
+        shared = sorted(seen & names)
+        if shared:
+            raise InputError(f"dataset {name!r}: {what} {shared[0]!r} is in both the {split!r} and the {other!r} "
+                             "meta-splits")
+
+
 def _pool(name: str, classes: list[list[Path]], size: int | None, grayscale: bool, invert: bool = False) -> ClassPool:
     images, labels = [], []
     for label, files in enumerate(classes):
@@ -101,12 +116,22 @@ def miniimagenet(root: str | None, split: str, size: int | None = 84) -> ClassPo
         table = path / f"{split}.csv"
         if not table.is_file():
             raise InputError(f"dataset 'miniimagenet': neither {split}/ nor {split}.csv under {str(path)!r}")
+        def rows(t: Path) -> list[dict]:
+            with t.open(newline="") as f:
+                out = list(csv.DictReader(f))
+            if any("filename" not in r or "label" not in r for r in out):
+                raise InputError(f"dataset 'miniimagenet': {t} must have columns filename,label")
+            return out
+
+        mine = rows(table)
+        others = {o: {r["filename"] for r in rows(path / f"{o}.csv")} for o in SPLITS
+                  if o != split and (path / f"{o}.csv").is_file()}
+        _check_listing("miniimagenet", split, [r["filename"] for r in mine], "image", others)
+        _check_listing("miniimagenet", split, list(dict.fromkeys(r["label"] for r in mine)), "class",
+                       {o: {r["label"] for r in rows(path / f"{o}.csv")} for o in others})
         by_label: dict[str, list[Path]] = {}
-        with table.open(newline="") as f:
-            for row in csv.DictReader(f):
-                if "filename" not in row or "label" not in row:
-                    raise InputError(f"dataset 'miniimagenet': {table} must have columns filename,label")
-                by_label.setdefault(row["label"], []).append(path / "images" / row["filename"])
+        for row in mine:
+            by_label.setdefault(row["label"], []).append(path / "images" / row["filename"])
         classes = [sorted(by_label[k]) for k in sorted(by_label)]
     return _pool("miniimagenet", classes, size, grayscale=False)
 
@@ -121,8 +146,14 @@ def cifar_fs(root: str | None, split: str, size: int | None = 32) -> ClassPool:
         if not listing.is_file():
             raise InputError(f"dataset 'cifar_fs': neither {split}/ nor splits/bertinetto/{split}.txt under "
                              f"{str(path)!r}")
+        def names(t: Path) -> list[str]:
+            return [ln.strip() for ln in t.read_text().splitlines() if ln.strip()]
+
+        others = {o: set(names(listing.with_name(f"{o}.txt"))) for o in SPLITS
+                  if o != split and listing.with_name(f"{o}.txt").is_file()}
+        _check_listing("cifar_fs", split, names(listing), "class", others)
         classes = []
-        for name in (ln.strip() for ln in listing.read_text().splitlines()):
+        for name in names(listing):
             if name:
                 folder = path / "data" / name
                 if not folder.is_dir():
@@ -337,6 +368,10 @@ def _read_run(name: str, run: str, source: Path, prefix: str | None, size: int |
         lines = [ln.split() for ln in read(f"{run}/class_labels.txt").decode().splitlines() if ln.strip()]
         if not lines or any(len(ln) != 2 for ln in lines):
             raise InputError(f"dataset {name!r}: {run}/class_labels.txt must hold lines 'test.png training.png'")
+        for test, answer in lines:  # an answer from another run, or a training image tested, was accepted
+            if not (test.startswith(f"{run}/test/") and answer.startswith(f"{run}/training/")):
+                raise InputError(f"dataset {name!r}: {run}/class_labels.txt line {test} {answer} must pair a "
+                                 f"{run}/test/ image with a {run}/training/ image")
         answers = dict(lines)
         if len(answers) != len(lines):
             raise InputError(f"dataset {name!r}: {run}/class_labels.txt lists a test image twice")

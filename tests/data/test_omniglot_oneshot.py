@@ -182,3 +182,14 @@ def test_real_minimal_sets_and_runs():
     runs = omniglot_runs(str(REAL), runs=[1])
     assert runs[0].test_files[0] == "run01/test/item01.png" and runs[0].test_y[0] == 7  # its answer: class08
     assert runs[0].train_ink[0].shape == (105, 105)
+
+
+def test_a_run_file_pairing_images_of_another_run_or_a_training_image_is_refused(tmp_path):
+    """A class_labels.txt line whose answer is another run's training image (or whose test item is a training
+    image) gave a "20-way" run with one class swapped for another run's."""
+    fake_runs(tmp_path, "runs", runs=2, zipped=False)
+    labels = tmp_path / "run01" / "class_labels.txt"
+    lines = labels.read_text().splitlines()
+    labels.write_text("\n".join([lines[0].split()[0] + " run02/training/class01.png", *lines[1:]]) + "\n")
+    with pytest.raises(InputError, match="must pair a run01/test/ image with a run01/training/ image"):
+        omniglot_runs(str(tmp_path), runs=[1])

@@ -127,6 +127,22 @@ def test_miniimagenet_csv_and_cifar_fs_split_files(tmp_path):
     (cfs / "splits" / "bertinetto").mkdir(parents=True)
     (cfs / "splits" / "bertinetto" / "val.txt").write_text("apple\nbee\n")
     assert fewshot_pool("cifar_fs", "val", str(cfs)).x.shape == (4, 3, 32, 32)
+    # a class listed twice (one episode held it under two labels) or in two meta-splits (meta-test leakage), and an
+    # image listed twice (support and query of the same episode), were read silently
+    (cfs / "splits" / "bertinetto" / "val.txt").write_text("apple\nbee\napple\n")
+    with pytest.raises(InputError, match="'apple' is listed twice in the 'val'"):
+        fewshot_pool("cifar_fs", "val", str(cfs))
+    (cfs / "splits" / "bertinetto" / "val.txt").write_text("apple\nbee\n")
+    (cfs / "splits" / "bertinetto" / "test.txt").write_text("bee\n")
+    with pytest.raises(InputError, match="'bee' is in both the 'val' and the 'test'"):
+        fewshot_pool("cifar_fs", "val", str(cfs))
+    (mini / "test.csv").write_text("\n".join(rows + [rows[1]]) + "\n")
+    with pytest.raises(InputError, match="image 'n0_0.jpg' is listed twice"):
+        fewshot_pool("miniimagenet", "test", str(mini))
+    (mini / "test.csv").write_text("\n".join(rows) + "\n")
+    (mini / "val.csv").write_text("filename,label\nother.jpg,n1\n")
+    with pytest.raises(InputError, match="class 'n1' is in both the 'test' and the 'val'"):
+        fewshot_pool("miniimagenet", "test", str(mini))
 
 
 def test_torchmeta_batches_round_trip_and_tasks_split_class_major():
