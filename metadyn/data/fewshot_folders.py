@@ -220,7 +220,8 @@ def _omniglot_part(name: str, path: Path, part: str) -> list[tuple[str, list[Pat
     if len(by_class) < 2:
         raise InputError(f"dataset {name!r}: {str(source)!r} holds {len(by_class)} character folder(s) "
                          f"{part}/<alphabet>/<character>/<image>; expected the Omniglot layout")
-    return [(c, sorted(by_class[c], key=lambda m: m.member)) for c in sorted(by_class)]
+    order = sorted(by_class, key=lambda c: tuple(c.split("/")))  # as the unpacked folder: alphabet, then character
+    return [(c, sorted(by_class[c], key=lambda m: m.member)) for c in order]
 
 
 @dataclass

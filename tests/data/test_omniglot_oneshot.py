@@ -193,3 +193,15 @@ def test_a_run_file_pairing_images_of_another_run_or_a_training_image_is_refused
     labels.write_text("\n".join([lines[0].split()[0] + " run02/training/class01.png", *lines[1:]]) + "\n")
     with pytest.raises(InputError, match="must pair a run01/test/ image with a run01/training/ image"):
         omniglot_runs(str(tmp_path), runs=[1])
+
+
+def test_zip_and_folder_give_the_same_class_order_with_names_that_sort_below_a_slash(tmp_path):
+    """Characters were sorted as "alphabet/character" strings in a zip but by path parts in a folder, so alphabets
+    named `A` and `A-b` gave other labels (and other train/val/test boundaries) depending on the form on disk."""
+    from metadyn.data.fewshot_folders import _omniglot_part
+
+    fake_background(tmp_path / "z", "images_background", {"A": 2, "A-b": 2, "A b": 2})
+    fake_background(tmp_path / "f", "images_background", {"A": 2, "A-b": 2, "A b": 2}, zipped=False)
+    zipped = [c for c, _ in _omniglot_part("omniglot", tmp_path / "z", "images_background")]
+    folder = [c for c, _ in _omniglot_part("omniglot", tmp_path / "f", "images_background")]
+    assert zipped == folder and zipped[0].startswith("A/")
