@@ -136,3 +136,15 @@ def test_paired_test_and_holm_by_hand():
     assert [c["verdict"] for c in comps] == ["better", "worse", "better"]
     assert holm([{"difference": 1, "p": 0.03}, {"difference": 1, "p": 0.5}])[0]["verdict"] == \
         "no significant difference"  # 2 x 0.03 > 0.05
+
+
+def test_report_does_not_claim_a_holm_adjustment_when_no_comparison_could_be_tested():
+    """With one unit per group every comparison is "one unit: no test", yet the report said the p-values were
+    adjusted together by Holm over them."""
+    from metadyn.runner.report import comparison_lines
+
+    comps = holm([compare("a", "b", "exit 0", [0.7], [0.6]), compare("c", "b", "exit 0", [0.5], [0.6])])
+    text = comparison_lines(comps, "seeds")
+    assert "Holm" not in text and "none is tested" in text and "+10.00 points (n = 1)" in text
+    tested = comparison_lines(holm([compare("a", "b", "exit 0", [0.7, 0.8], [0.6, 0.65])]), "seeds")
+    assert "Holm" in tested
