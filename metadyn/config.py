@@ -440,8 +440,9 @@ def load_task(path: str | Path, overrides: list[str] | tuple = (), quick: bool =
         if key == "kind" and value != kind_name:
             raise InputError(f"--set kind: a task's kind cannot be changed ({short(path.name)} is a {kind_name!r} "
                              "task; its keys belong to that kind); write a task file of the other kind")
-    for key, value in sets:  # `--set quick.X=...` edits the quick section before it applies
-        if key == "quick" or key.startswith("quick."):
+    early = [k == "quick" or k.startswith("quick.") for k, _ in sets]  # these edit the quick section first
+    for (key, value), first in zip(sets, early):
+        if first:
             set_dotted(data, key, value)
     if quick:
         q = data.get("quick") or {}
@@ -449,8 +450,8 @@ def load_task(path: str | Path, overrides: list[str] | tuple = (), quick: bool =
             raise InputError(f"'quick' must be a mapping of dotted keys, got {short(q)}")
         for k, v in q.items():
             set_dotted(data, str(k), v)
-    for key, value in sets:
-        if not (key == "quick" or key.startswith("quick.")):
+    for (key, value), first in zip(sets, early):
+        if not first:
             set_dotted(data, key, value)
     return validate(from_dict(kind.config, data))
 

@@ -415,6 +415,7 @@ def _row(exit_: int, accuracy: float) -> dict:
     (lambda lg, y: md.MetaLearner(_tiny_meta_net(), exit_weights=[_NAN] * 4), "exit_weights must be a finite"),
     (lambda lg, y: md.MetaLearner(_tiny_meta_net(), exits=[1.7]), "integer exit indices"),
     (lambda lg, y: md.MetaLearner(_tiny_meta_net(), exit_weights=[0, 0, 0, 0]), "all zero"),
+    (lambda lg, y: md.ExitConsistency([8, 8], ce_weights=[-1.0, 1.0]), "exit weights must be finite, non-negative"),
     # impressions: a similarity of another class count a size-mismatch error, a fractional number an IndexError
     (lambda lg, y: md.synthesize_impressions(_teacher(), 4, in_shape=(1, 8, 8), similarity=torch.eye(3),
                                              progress=False), r"\(10, 10\) matrix"),

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from metadyn.core.flops import probe
-from metadyn.core.losses import exitwise_ce
+from metadyn.core.losses import check_exit_weights, exitwise_ce
 from metadyn.core.outputs import ExitOutput
 from metadyn.errors import InputError
 from metadyn.registry import METHODS
@@ -82,6 +82,7 @@ class ExitConsistency(nn.Module):
             raise InputError(f"consistency weight must be a finite number >= 0, got {weight!r}")
         if isinstance(hidden, bool) or not isinstance(hidden, numbers.Integral) or hidden < 1:
             raise InputError(f"consistency hidden width must be a whole number >= 1, got {hidden!r}")
+        check_exit_weights(ce_weights)
         self.kind, self.weight, self.ce_weights = kind, float(weight), ce_weights
         self.views = 2 if kind == "simsiam" else 1
         d_final = int(feature_dims[-1])

@@ -43,20 +43,20 @@ def exitwise_ce(out: ExitOutput, y: Tensor, weights: Sequence[float] | None = No
     k = out.num_exits
     if weights is not None and len(weights) != k:
         raise InputError(f"exit weights has {len(weights)} entries for a network with {k} exits")
-    w = [1.0] * k if weights is None else check_exit_weights(weights)
+    w = [1.0] * k if weights is None else [float(v) for v in weights]  # checked where the loss is built
     return torch.stack([wk * labeled_ce(lg, y) for wk, lg in zip(w, out.logits)]).sum()
 
 
-def check_exit_weights(weights: Sequence[float] | None) -> list[float] | None:
-    """Per-exit loss weights as floats: finite, non-negative, not all zero (a negative weight rewards a wrong
-    exit without bound, all zeros train nothing; both ran to chance accuracy with exit status 0)."""
+def check_exit_weights(weights: Sequence[float] | None) -> None:
+    """Per-exit loss weights, checked once where a loss is built: finite, non-negative, not all zero (a negative
+    weight rewards a wrong exit without bound, all zeros train nothing; both ran to chance accuracy with exit
+    status 0)."""
     if weights is None:
-        return None
+        return
     if isinstance(weights, str | bytes) or not isinstance(weights, Sequence) or any(
             isinstance(v, bool) or not isinstance(v, numbers.Real) or not 0 <= v < math.inf for v in weights) \
             or not any(v > 0 for v in weights):
         raise InputError(f"exit weights must be finite, non-negative numbers, not all zero, got {str(weights)[:80]}")
-    return [float(v) for v in weights]
 
 
 @METHODS.register("ce")

@@ -124,11 +124,11 @@ def miniimagenet(root: str | None, split: str, size: int | None = 84) -> ClassPo
             return out
 
         mine = rows(table)
-        others = {o: {r["filename"] for r in rows(path / f"{o}.csv")} for o in SPLITS
-                  if o != split and (path / f"{o}.csv").is_file()}
-        _check_listing("miniimagenet", split, [r["filename"] for r in mine], "image", others)
+        others = {o: rows(path / f"{o}.csv") for o in SPLITS if o != split and (path / f"{o}.csv").is_file()}
+        _check_listing("miniimagenet", split, [r["filename"] for r in mine], "image",
+                       {o: {r["filename"] for r in rs} for o, rs in others.items()})
         _check_listing("miniimagenet", split, list(dict.fromkeys(r["label"] for r in mine)), "class",
-                       {o: {r["label"] for r in rows(path / f"{o}.csv")} for o in others})
+                       {o: {r["label"] for r in rs} for o, rs in others.items()})
         by_label: dict[str, list[Path]] = {}
         for row in mine:
             by_label.setdefault(row["label"], []).append(path / "images" / row["filename"])
@@ -151,9 +151,10 @@ def cifar_fs(root: str | None, split: str, size: int | None = 32) -> ClassPool:
 
         others = {o: set(names(listing.with_name(f"{o}.txt"))) for o in SPLITS
                   if o != split and listing.with_name(f"{o}.txt").is_file()}
-        _check_listing("cifar_fs", split, names(listing), "class", others)
+        mine = names(listing)
+        _check_listing("cifar_fs", split, mine, "class", others)
         classes = []
-        for name in names(listing):
+        for name in mine:
             if name:
                 folder = path / "data" / name
                 if not folder.is_dir():

@@ -203,10 +203,11 @@ def prepare(name: str, src: str | Path, to: str | None = None) -> list[tuple[Pat
     ``$METADYN_DATA``). Every file is checked before anything is copied. Returns ``(destination, what
     happened)`` per file."""
     files = plan(name, src)
-    for path in files:
-        _check(name, path)
     if _source(name).together:
-        _check_set(name, files)
+        _check_set(name, files)  # reads every file of the set as the loader does (headers included)
+    else:
+        for path in files:
+            _check(name, path)
     folder = default_root(to) / _source(name).folder
     actions = [_action(p, folder / p.name) if folder.is_dir() else "copy" for p in files]  # every conflict first
     folder.mkdir(parents=True, exist_ok=True)

@@ -440,15 +440,14 @@ def synthesize_impressions(teacher: nn.Module, num: int, *, in_shape: Sequence[i
         raise InputError(f"number of impressions must be an integer of at least 1, got {num!r}")
     home = module_device(teacher)
     dev = home if device is None else pick_device(device)
+    p = next(teacher.parameters())
+    probe = torch.zeros((1, *in_shape), dtype=p.dtype, device=p.device)
     if similarity is None:
-        p = next(teacher.parameters())
-        probe = torch.zeros((1, *in_shape), dtype=p.dtype, device=p.device)
         sim = class_similarity(final_layer_weight(teacher, probe))
     else:
         sim = torch.as_tensor(similarity).float()
-        p = next(teacher.parameters())
         with torch.no_grad(), eval_mode(teacher):
-            out = teacher(torch.zeros((1, *in_shape), dtype=p.dtype, device=p.device))
+            out = teacher(probe)
         classes_out = out.shape[-1] if isinstance(out, Tensor) else sim.shape[0]
         if sim.dim() != 2 or sim.shape != (classes_out, classes_out) or not bool(torch.isfinite(sim).all()):
             raise InputError(f"similarity must be a finite ({classes_out}, {classes_out}) matrix for a teacher with "

@@ -67,13 +67,13 @@ def comparison_lines(comparisons: Sequence[dict], unit: str) -> str:
     if not comparisons:
         return "(no comparisons in this run)"
     if all(c["p"] is None for c in comparisons):  # one seed (or episode) per group: a spread needs two
-        return "\n".join([f"Paired differences over {unit}: one unit each, so none is tested (no spread; run "
-                           "several seeds for a test).", ""] + [
-            f"- `{c['group']}` − `{c['against']}` at {c['at']}: {100 * c['difference']:+.2f} points (n = {c['n']}): "
-            f"**{c['verdict']}**" for c in comparisons])
-    lines = [f"Paired differences over {unit}; two-sided paired t-test (the exact sign-flip test where every "
-             f"unit shows the same difference), p-values adjusted together by Holm's method over the "
-             f"{len(comparisons)} comparisons below; significant at adjusted p < 0.05.", ""]
+        rule = (f"Paired differences over {unit}: one unit each, so none is tested (no spread; run several seeds for "
+                "a test).")
+    else:
+        rule = (f"Paired differences over {unit}; two-sided paired t-test (the exact sign-flip test where every "
+                f"unit shows the same difference), p-values adjusted together by Holm's method over the "
+                f"{len(comparisons)} comparisons below; significant at adjusted p < 0.05.")
+    lines = [rule, ""]
     for c in comparisons:
         se = "" if c["se"] is None else f" ± {100 * c['se']:.2f}"
         p = "" if c["p"] is None else f", p = {c['p']:.3g}, adjusted {c['p_holm']:.3g}"
